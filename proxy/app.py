@@ -1,0 +1,143 @@
+"""``build_app(config)``: the only place that constructs and wires.
+
+The request path, in order:
+
+ 1. ``request_id_middleware``  tags the request; the id goes into logs and error bodies
+ 2. ``error_middleware``       turns every exception into a JSON error; never a traceback
+ 3. ``path_safety_middleware`` refuses ``..``, encoded slashes and NUL with a 400
+ 4. router                     ``/-/…`` system routes; ``/{domain}/{format}/{repo}/…`` adapter
+                               routes; anything else a JSON 404 naming what was not found
+ 5. adapter handler            parses the path into "metadata of P" or "asset A of P"
+ 6. resolver                   hot cache → index → repository chain → document cache
+                               (freshness, stale-if-error) or flight group (single-flight fetch,
+                               staged, verified, committed, indexed)
+ 7. send                       sendfile for hits; a tail of the staging file for misses
+ 8. access log                 one line: status, X-Cache, bytes, duration, request id
+
+Resources open and close in ``cleanup_ctx``: data directories, index, upstream sessions, flights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.errors import NotFound, error_middleware
+from proxy.formats import FORMATS
+from proxy.pipeline.documents import DocumentCache
+from proxy.pipeline.resolve import Resolver
+from proxy.pipeline.services import Pipeline
+from proxy.server.middleware import request_id_middleware
+from proxy.server.routing import path_safety_middleware
+from proxy.server.system import SystemRoutes
+from proxy.storage.hot import HotCache
+from proxy.storage.index import Index
+from proxy.storage.local import LocalBlobStore
+from proxy.storage.staging import StagingArea
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.flight import FlightGroup
+
+log = logging.getLogger("proxy.app")
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
+FLIGHTS = web.AppKey("flights", FlightGroup)
+TOUCH_INTERVAL = 30.0
+
+
+def build_app(config: Config) -> web.Application:
+    """Construct every service for ``config`` and wire them into an aiohttp application."""
+    data_dir = config.server.data_dir
+    index = Index(data_dir / "index.sqlite3")
+    blobs = LocalBlobStore(data_dir / "blobs")
+    staging = StagingArea(data_dir / "tmp")
+    hot = HotCache(config.server.hot_cache_entries)
+    clients = {name: UpstreamClient(up) for name, up in config.upstreams.items()}
+    flights = FlightGroup()
+    documents = DocumentCache(index, config.server)
+    resolver = Resolver(config, index, hot, blobs, staging, documents, clients, flights)
+    pipeline = Pipeline(config=config, resolver=resolver, hot=hot, blobs=blobs)
+
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware, path_safety_middleware],
+    )
+    app[PIPELINE] = pipeline
+    app[FLIGHTS] = flights
+
+    SystemRoutes(index, data_dir).register(app.router)
+    known = {cls.name for cls in FORMATS}
+    for cls in FORMATS:
+        adapter = cls(pipeline)
+        for spec in adapter.routes():
+            path = f"/{{domain}}/{cls.name}/{{repo}}{spec.suffix}"
+            if spec.method == "GET":
+                app.router.add_get(path, spec.handler)
+            else:
+                app.router.add_route(spec.method, path, spec.handler)
+
+    async def not_found(request: web.Request) -> web.StreamResponse:
+        domain = request.match_info.get("domain", "")
+        fmt = request.match_info.get("format", "")
+        repo = request.match_info.get("repo", "")
+        if domain and repo:
+            from proxy.model import RepoRef
+
+            resolver.repository(RepoRef(domain, repo))  # 404 naming the domain or repository
+        if fmt and fmt not in known:
+            raise NotFound(
+                f"unknown format {fmt!r} (served: {', '.join(sorted(known))})",
+                detail={"format": fmt},
+            )
+        raise NotFound(f"no such endpoint: {request.path}")
+
+    app.router.add_route("*", "/{domain}/{format}/{repo}/{tail:.*}", not_found)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        removed = await asyncio.to_thread(_prepare_dirs, staging, blobs, data_dir)
+        if removed:
+            log.info("removed %d leftover temp files from an earlier run", removed)
+        await index.open()
+        for client in clients.values():
+            await client.start()
+        toucher = asyncio.create_task(_touch_periodically(resolver), name="touch assets")
+        log.info(
+            "ready: data in %s, %d upstream(s), offline=%s",
+            data_dir,
+            len(clients),
+            config.server.offline,
+        )
+        try:
+            yield
+        finally:
+            toucher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await toucher
+            await flights.aclose()
+            await documents.aclose()
+            for client in clients.values():
+                await client.close()
+            with contextlib.suppress(Exception):
+                await resolver.flush_touches()
+            await index.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, data_dir: object) -> int:
+    blobs.prepare()
+    return staging.prepare()
+
+
+async def _touch_periodically(resolver: Resolver) -> None:
+    while True:
+        await asyncio.sleep(TOUCH_INTERVAL)
+        try:
+            await resolver.flush_touches()
+        except Exception:
+            log.exception("could not record asset access times")

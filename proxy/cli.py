@@ -1,0 +1,100 @@
+"""``artifact-proxy`` subcommands: parse arguments, call services, print.
+
+Every subcommand takes ``--config`` and ``--data-dir`` after its name, so scripts and containers
+can use the same options everywhere. Flags win over ``ARTIFACT_PROXY_*`` variables, which win
+over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.config import Config, ConfigError, Overrides, load_config
+
+log = logging.getLogger("proxy.cli")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (default: embedded default)")
+    parser.add_argument("--data-dir", type=Path, help="data directory (index, blobs, tmp)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="artifact-proxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"artifact-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    _common(serve)
+    serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8080)")
+    serve.add_argument("--offline", action="store_true", default=None, help="never contact upstreams")
+    serve.add_argument("--log-level", default=os.environ.get("ARTIFACT_PROXY_LOG_LEVEL", "INFO"))
+
+    check = sub.add_parser("check-config", help="validate the configuration and print it")
+    _common(check)
+    return parser
+
+
+def load(args: argparse.Namespace) -> Config:
+    flags = Overrides(
+        config_file=args.config,
+        listen=getattr(args, "listen", None),
+        data_dir=args.data_dir,
+        offline=getattr(args, "offline", None),
+    )
+    return load_config(flags.over(Overrides.from_env(os.environ)), os.environ)
+
+
+def serve(config: Config, log_level: str) -> int:
+    from proxy.app import build_app
+    from proxy.observability import AccessLogger, setup_logging
+
+    setup_logging(log_level)
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    for name, upstream in config.upstreams.items():
+        log.info("upstream %s (%s): %s", name, upstream.format, upstream.url)
+    web.run_app(
+        build_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        access_log_class=AccessLogger,
+        shutdown_timeout=config.server.shutdown_timeout,
+        print=lambda text: log.info("%s", text.strip()),
+        loop=loop,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args)
+    except ConfigError as exc:
+        print(f"artifact-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(config, args.log_level)
+    if args.command == "check-config":
+        print(f"listen {config.server.host}:{config.server.port}, data in {config.server.data_dir}")
+        for name, up in config.upstreams.items():
+            print(f"upstream {name}: {up.format} {up.url}")
+        for domain in config.domains:
+            for repo in domain.repositories:
+                print(f"repository {domain.name}/{repo.name} <- {', '.join(repo.upstreams) or '(none)'}")
+        return 0
+    return 2

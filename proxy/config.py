@@ -1,0 +1,455 @@
+"""Configuration: TOML in, frozen dataclasses out, validated once at startup.
+
+Every error names the key that is wrong and why, so a typo in a sidecar's config fails the
+container at once instead of surfacing as odd behaviour under load. Overrides are applied in
+this order: embedded default or file → environment variables → command-line flags.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from proxy.upstream.discovery import PIP_INDEX_URL, DiscoveryError, pip_index_url
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,49}$")
+UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KNOWN_FORMATS = ("pypi",)
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the operator: it names the key and the reason."""
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Seconds from ``"250ms"``, ``"30s"``, ``"10m"``, ``"12h"``, ``"7d"`` or a bare number."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration such as '10m', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{key}: expected a duration such as '10m' or '30s', got {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{key}: a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from ``"512KiB"``, ``"50MiB"``, ``"1GiB"``, ``"1GB"`` or a bare number."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size such as '50MiB', got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
+    else:
+        raise ConfigError(f"{key}: expected a size such as '50MiB' or '1GiB', got {value!r}")
+    if size < 0:
+        raise ConfigError(f"{key}: a size cannot be negative")
+    return size
+
+
+def parse_listen(value: object, key: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) into its parts."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected 'host:port', got {value!r}")
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]]+):(\d+)$", value)
+    if not m:
+        raise ConfigError(f"{key}: expected 'host:port' such as '127.0.0.1:8080', got {value!r}")
+    port = int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{key}: port {port} is out of range")
+    return m.group(1), port
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Settings of the listening process and its data directory."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("data")
+    offline: bool = False
+    public_url: str | None = None
+    trust_forwarded: bool = False
+    soft_deadline: float = 3.0
+    negative_ttl: float = 60.0
+    max_staleness: float = 0.0
+    max_metadata_size: int = 64 * 2**20
+    max_asset_size: int = 20 * 2**30
+    asset_timeout: float = 3600.0
+    hot_cache_entries: int = 4096
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """An external connection: one remote registry of one format."""
+
+    name: str
+    format: str
+    url: str
+    metadata_ttl: float = 600.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    metadata_timeout: float = 30.0
+    retries: int = 2
+    max_connections: int = 32
+    allow_hosts: tuple[str, ...] = ()
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        """(scheme, host, port) of the URL: the one origin trusted without an address check."""
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return parts.scheme, (parts.hostname or "").lower(), port
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryConfig:
+    """A repository: its name and its ordered upstreams (connections or sibling repositories)."""
+
+    name: str
+    upstreams: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DomainConfig:
+    """A tenant: a namespace of repositories."""
+
+    name: str
+    repositories: tuple[RepositoryConfig, ...] = ()
+
+    def repository(self, name: str) -> RepositoryConfig | None:
+        """The repository called ``name``, if this domain has one."""
+        for repo in self.repositories:
+            if repo.name == name:
+                return repo
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole, validated configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    domains: tuple[DomainConfig, ...] = ()
+
+    def domain(self, name: str) -> DomainConfig | None:
+        """The domain called ``name``, if configured."""
+        for domain in self.domains:
+            if domain.name == name:
+                return domain
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Values from the command line or the environment that win over the file."""
+
+    config_file: Path | None = None
+    listen: str | None = None
+    data_dir: Path | None = None
+    offline: bool | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Overrides:
+        """Read ``ARTIFACT_PROXY_*`` variables, for containers that configure by environment."""
+        offline_raw = env.get("ARTIFACT_PROXY_OFFLINE")
+        offline = None
+        if offline_raw is not None and offline_raw != "":
+            lowered = offline_raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ConfigError(f"ARTIFACT_PROXY_OFFLINE: expected true or false, got {offline_raw!r}")
+            offline = lowered in {"1", "true", "yes", "on"}
+        return cls(
+            config_file=Path(env["ARTIFACT_PROXY_CONFIG"]) if env.get("ARTIFACT_PROXY_CONFIG") else None,
+            listen=env.get("ARTIFACT_PROXY_LISTEN") or None,
+            data_dir=Path(env["ARTIFACT_PROXY_DATA_DIR"]) if env.get("ARTIFACT_PROXY_DATA_DIR") else None,
+            offline=offline,
+        )
+
+    def over(self, base: Overrides) -> Overrides:
+        """These overrides, falling back to ``base`` where unset (flags over environment)."""
+        return Overrides(
+            config_file=self.config_file or base.config_file,
+            listen=self.listen or base.listen,
+            data_dir=self.data_dir or base.data_dir,
+            offline=self.offline if self.offline is not None else base.offline,
+        )
+
+
+def default_config_text() -> str:
+    """The embedded default: packaged beside the code, or read from the source tree."""
+    packaged = importlib.resources.files("proxy").joinpath("default.toml")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    source_tree = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+    return source_tree.read_text(encoding="utf-8")
+
+
+def load_config(overrides: Overrides, env: Mapping[str, str]) -> Config:
+    """Read the file named by the overrides (or the embedded default) and validate it."""
+    if overrides.config_file is not None:
+        try:
+            text = overrides.config_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {overrides.config_file}: {exc.strerror}") from exc
+        source = str(overrides.config_file)
+    else:
+        text = default_config_text()
+        source = "embedded default config"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+    return parse_config(raw, overrides, env)
+
+
+def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str, str]) -> Config:
+    """Validate a decoded TOML document and apply overrides."""
+    _only_keys(raw, "", {"server", "upstreams", "domains"})
+    server = _parse_server(_table(raw, "server"), overrides)
+    upstreams_raw = _table(raw, "upstreams")
+    upstreams = {
+        name: _parse_upstream(name, _table(upstreams_raw, name, prefix="upstreams"), server, env)
+        for name in upstreams_raw
+    }
+    domains_raw = raw.get("domains", [])
+    if not isinstance(domains_raw, list):
+        raise ConfigError("domains: expected an array of tables ([[domains]])")
+    domains = tuple(_parse_domain(i, d, upstreams) for i, d in enumerate(domains_raw))
+    names = [d.name for d in domains]
+    if len(names) != len(set(names)):
+        raise ConfigError("domains: a domain name is used twice")
+    config = Config(server=server, upstreams=upstreams, domains=domains)
+    check_upstream_graph(config)
+    return config
+
+
+def check_upstream_graph(config: Config) -> None:
+    """Reject cycles among repositories: resolution would otherwise never end."""
+    for domain in config.domains:
+        graph = {r.name: [u for u in r.upstreams if domain.repository(u)] for r in domain.repositories}
+        state: dict[str, int] = {}
+        for name in graph:
+            _visit(domain.name, graph, state, name, [])
+
+
+def _visit(
+    domain: str, graph: dict[str, list[str]], state: dict[str, int], node: str, path: list[str]
+) -> None:
+    """Depth-first walk; a node met again while still on the path closes a cycle."""
+    if state.get(node) == 2:
+        return
+    if state.get(node) == 1:
+        cycle = " -> ".join([*path[path.index(node) :], node])
+        raise ConfigError(f"domains.{domain}: upstream cycle {cycle}")
+    state[node] = 1
+    for nxt in graph[node]:
+        _visit(domain, graph, state, nxt, [*path, node])
+    state[node] = 2
+
+
+def _table(raw: Mapping[str, Any], key: str, prefix: str = "") -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_join(prefix, key)}: expected a table")
+    return value
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _only_keys(raw: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{_join(prefix, key)}: unknown setting (known: {', '.join(sorted(allowed))})")
+
+
+def _get(raw: Mapping[str, Any], key: str, prefix: str, kind: type, default: Any) -> Any:
+    if key not in raw:
+        return default
+    value = raw[key]
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{_join(prefix, key)}: expected an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{_join(prefix, key)}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
+    d = ServerConfig()
+    p = "server"
+    durations = {
+        "soft_deadline",
+        "negative_ttl",
+        "max_staleness",
+        "asset_timeout",
+        "shutdown_timeout",
+    }
+    sizes = {"max_metadata_size", "max_asset_size"}
+    plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries"}
+    _only_keys(raw, p, durations | sizes | plain)
+    listen = overrides.listen or _get(raw, "listen", p, str, f"{d.host}:{d.port}")
+    host, port = parse_listen(listen, "--listen" if overrides.listen else f"{p}.listen")
+    data_dir = overrides.data_dir or Path(_get(raw, "data_dir", p, str, str(d.data_dir)))
+    offline = overrides.offline if overrides.offline is not None else _get(raw, "offline", p, bool, False)
+    public_url = _get(raw, "public_url", p, str, "") or None
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ConfigError(f"{p}.public_url: expected an http(s) URL, got {public_url!r}")
+        public_url = public_url.rstrip("/")
+    entries = _get(raw, "hot_cache_entries", p, int, d.hot_cache_entries)
+    if entries < 16:
+        raise ConfigError(f"{p}.hot_cache_entries: must be at least 16")
+    values: dict[str, Any] = {k: parse_duration(raw[k], f"{p}.{k}") for k in durations if k in raw}
+    values |= {k: parse_size(raw[k], f"{p}.{k}") for k in sizes if k in raw}
+    return replace(
+        d,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        offline=offline,
+        public_url=public_url,
+        trust_forwarded=_get(raw, "trust_forwarded", p, bool, False),
+        hot_cache_entries=entries,
+        **values,
+    )
+
+
+def _parse_upstream(
+    name: str, raw: Mapping[str, Any], server: ServerConfig, env: Mapping[str, str]
+) -> UpstreamConfig:
+    p = f"upstreams.{name}"
+    if not UPSTREAM_NAME_RE.match(name):
+        raise ConfigError(f"{p}: invalid connection name (letters, digits, '.', '_', '-')")
+    durations = {
+        "metadata_ttl",
+        "connect_timeout",
+        "read_timeout",
+        "metadata_timeout",
+        "breaker_cooldown",
+    }
+    ints = {"retries", "max_connections", "breaker_threshold"}
+    _only_keys(raw, p, durations | ints | {"format", "url", "allow_hosts", "credentials"})
+    fmt = _get(raw, "format", p, str, None)
+    if fmt is None:
+        raise ConfigError(f"{p}.format: required (one of {', '.join(KNOWN_FORMATS)})")
+    if fmt not in KNOWN_FORMATS:
+        raise ConfigError(f"{p}.format: unknown format {fmt!r} (known: {', '.join(KNOWN_FORMATS)})")
+    url = _get(raw, "url", p, str, None)
+    if url is None:
+        raise ConfigError(f"{p}.url: required")
+    if url == PIP_INDEX_URL:
+        try:
+            url = pip_index_url(env)
+        except DiscoveryError as exc:
+            raise ConfigError(f"{p}.url: {exc}") from exc
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{p}.url: expected an http(s) URL, got {url!r}")
+    if _points_at_self(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), server):
+        raise ConfigError(
+            f"{p}.url: {url} is this proxy's own address; an upstream pointing at itself would loop "
+            "(set PIP_INDEX_URL or the url key to the real index)"
+        )
+    if not url.endswith("/"):
+        url += "/"
+    allow = _get(raw, "allow_hosts", p, list, [])
+    if not all(isinstance(h, str) and h for h in allow):
+        raise ConfigError(f"{p}.allow_hosts: expected a list of host names or patterns")
+    values: dict[str, Any] = {k: parse_duration(raw[k], f"{p}.{k}") for k in durations if k in raw}
+    for key in ints:
+        if key in raw:
+            number = _get(raw, key, p, int, 0)
+            if number < (0 if key == "retries" else 1):
+                raise ConfigError(f"{p}.{key}: must be {'>= 0' if key == 'retries' else '>= 1'}")
+            values[key] = number
+    return UpstreamConfig(
+        name=name, format=fmt, url=url, allow_hosts=tuple(h.lower() for h in allow), **values
+    )
+
+
+def _points_at_self(host: str, port: int, server: ServerConfig) -> bool:
+    if port != server.port:
+        return False
+    local_names = {"localhost", server.host.lower(), "0.0.0.0", "::"}  # noqa: S104
+    if host.lower() in local_names:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_domain(index: int, raw: object, upstreams: Mapping[str, UpstreamConfig]) -> DomainConfig:
+    p = f"domains[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a table")
+    _only_keys(raw, p, {"name", "repositories"})
+    name = _get(raw, "name", p, str, None)
+    if name is None or not NAME_RE.match(name):
+        raise ConfigError(f"{p}.name: expected a name matching [a-z][a-z0-9-]{{1,49}}, got {name!r}")
+    repos_raw = _get(raw, "repositories", p, list, [])
+    repos = tuple(_parse_repository(f"domains.{name}.repositories[{i}]", r) for i, r in enumerate(repos_raw))
+    repo_names = {r.name for r in repos}
+    if len(repo_names) != len(repos):
+        raise ConfigError(f"domains.{name}.repositories: a repository name is used twice")
+    for repo in repos:
+        for upstream in repo.upstreams:
+            if upstream == repo.name:
+                raise ConfigError(
+                    f"domains.{name}.{repo.name}.upstreams: a repository cannot be its own upstream"
+                )
+            if upstream not in repo_names and upstream not in upstreams:
+                raise ConfigError(
+                    f"domains.{name}.{repo.name}.upstreams: {upstream!r} is neither a repository of "
+                    "this domain nor a connection under [upstreams]"
+                )
+    return DomainConfig(name=name, repositories=repos)
+
+
+def _parse_repository(p: str, raw: object) -> RepositoryConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a table")
+    _only_keys(raw, p, {"name", "upstreams", "description"})
+    name = _get(raw, "name", p, str, None)
+    if name is None or not NAME_RE.match(name):
+        raise ConfigError(f"{p}.name: expected a name matching [a-z][a-z0-9-]{{1,49}}, got {name!r}")
+    ups = _get(raw, "upstreams", p, list, [])
+    if not all(isinstance(u, str) for u in ups):
+        raise ConfigError(f"{p}.upstreams: expected a list of names")
+    if len(set(ups)) != len(ups):
+        raise ConfigError(f"{p}.upstreams: a name is listed twice")
+    return RepositoryConfig(name=name, upstreams=tuple(ups), description=_get(raw, "description", p, str, ""))

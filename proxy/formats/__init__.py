@@ -1,0 +1,6 @@
+"""The registry of package formats: adding one is a module plus one line in ``FORMATS``."""
+
+from proxy.formats.base import FormatAdapter
+from proxy.formats.pypi import PyPIAdapter
+
+FORMATS: tuple[type[FormatAdapter], ...] = (PyPIAdapter,)

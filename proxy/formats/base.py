@@ -1,0 +1,71 @@
+"""The adapter interface: the only per-format code.
+
+An adapter parses its registry's documents into neutral :class:`Listing` values and renders
+them back with URLs pointing at the proxy; it declares its routes and asks the pipeline for
+everything else (chain walk, freshness, single-flight, hashes, blobs, index). Adapters never
+touch SQL or files.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from aiohttp import web
+
+from proxy.model import ListedFile, Listing
+from proxy.pipeline.documents import DocumentRequest
+
+if TYPE_CHECKING:
+    from proxy.pipeline.services import Pipeline
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """One route below ``/{domain}/{format}/{repo}``: method, path suffix, handler."""
+
+    method: str
+    suffix: str
+    handler: Handler
+
+
+class FormatAdapter(ABC):
+    """One package format. Subclasses are listed in ``proxy.formats.FORMATS``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    @abstractmethod
+    def routes(self) -> Sequence[RouteSpec]:
+        """The format's endpoints, relative to the repository's base path."""
+
+    @abstractmethod
+    def normalize(self, package: str) -> str:
+        """The one canonical identity of a package name; raises BadRequest if it is invalid."""
+
+    @abstractmethod
+    def document_request(self, index_url: str, package: str) -> DocumentRequest:
+        """How to ask an upstream at ``index_url`` for the metadata of ``package``."""
+
+    @abstractmethod
+    def parse_listing(self, body: bytes, content_type: str, url: str, source: str) -> Listing:
+        """An upstream document as a neutral listing; file URLs made absolute."""
+
+    def content_type(self, filename: str) -> str:
+        """The media type an asset is served with."""
+        return "application/octet-stream"
+
+    def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
+        """Companion files extracted from a cached asset: (filename, bytes, content type).
+
+        Runs in a worker thread right after the asset is committed. PyPI uses it to serve
+        PEP 658 metadata for wheels whose upstream offered none.
+        """
+        return []

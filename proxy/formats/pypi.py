@@ -1,0 +1,195 @@
+"""PyPI: the simple repository API for pip and uv, through the shared pipeline.
+
+Routes below ``/{domain}/pypi/{repo}``::
+
+    GET  /simple/                      projects this repository has stored (not the upstream's
+                                       whole list, which is hundreds of thousands of names)
+    GET  /simple/{project}/            PEP 503 HTML / PEP 691 JSON by content negotiation;
+                                       non-normalized names redirect to the normalized URL
+    GET  /files/{project}/{filename}   a distribution file, through the cache
+    GET  /files/{project}/{filename}.metadata   its PEP 658 core metadata
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+from aiohttp import hdrs, web
+
+from proxy.errors import BadRequest, NotAcceptable
+from proxy.formats import pypi_simple as simple
+from proxy.formats.base import FormatAdapter, RouteSpec
+from proxy.model import ListedFile, Listing
+from proxy.pipeline.documents import DocumentRequest
+from proxy.server.assets import send_asset
+from proxy.server.routing import base_url, repo_ref
+from proxy.storage.hot import RenderedPage
+
+_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]{0,250}$")
+MAX_METADATA_BYTES = 16 * 2**20
+
+
+class PyPIAdapter(FormatAdapter):
+    """See the module docstring."""
+
+    name = "pypi"
+
+    def routes(self) -> Sequence[RouteSpec]:
+        return (
+            RouteSpec("GET", "/simple/", self.project_list),
+            RouteSpec("GET", "/simple/{project}/", self.project_page),
+            RouteSpec("GET", "/simple/{project}", self.add_slash),
+            RouteSpec("GET", "/files/{project}/{filename}", self.file),
+        )
+
+    def normalize(self, package: str) -> str:
+        normalized = simple.normalize(package)
+        if normalized is None:
+            raise BadRequest(f"{package!r} is not a valid Python project name (PEP 508)")
+        return normalized
+
+    def document_request(self, index_url: str, package: str) -> DocumentRequest:
+        return DocumentRequest(
+            key=f"pypi:{package}",
+            url=f"{index_url}{quote(package)}/",
+            headers={"Accept": simple.UPSTREAM_ACCEPT},
+            serial_header="X-PyPI-Last-Serial",
+        )
+
+    def parse_listing(self, body: bytes, content_type: str, url: str, source: str) -> Listing:
+        if "json" in content_type:
+            return simple.parse_json(body, url, source)
+        return simple.parse_html(body, url, source)
+
+    def content_type(self, filename: str) -> str:
+        if filename.endswith(".metadata"):
+            return "text/plain; charset=utf-8"
+        return "application/octet-stream"
+
+    def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
+        """PEP 658 metadata from a cached wheel whose upstream declared none."""
+        if not entry.filename.endswith(".whl") or entry.extra.get("core_metadata") is not None:
+            return []
+        prefix = "-".join(entry.filename[:-4].split("-")[:2]).lower()
+        with zipfile.ZipFile(path) as wheel:
+            candidates = [
+                info
+                for info in wheel.infolist()
+                if info.filename.count("/") == 1 and info.filename.endswith(".dist-info/METADATA")
+            ]
+            preferred = [c for c in candidates if c.filename.lower().startswith(prefix)]
+            chosen = (preferred or candidates)[:1]
+            if not chosen or chosen[0].file_size > MAX_METADATA_BYTES:
+                return []
+            data = wheel.read(chosen[0])
+        return [(f"{entry.filename}.metadata", data, self.content_type(".metadata"))]
+
+    # --- handlers -----------------------------------------------------------------------------
+
+    async def add_slash(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMovedPermanently(location=_with_query(f"{request.path}/", request))
+
+    async def project_list(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        self.pipeline.resolver.repository(ref)
+        kind = self._negotiate(request)
+        names = await self.pipeline.resolver.package_names(ref, self.name)
+        body = simple.render_project_list(names, kind == simple.JSON_V1)
+        response = web.Response(body=body, content_type=_media(kind))
+        response.headers[hdrs.VARY] = "Accept"
+        return response
+
+    async def project_page(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        raw = request.match_info["project"]
+        package = self.normalize(raw)
+        if package != raw:
+            target = request.path.replace(f"/simple/{quote(raw)}/", f"/simple/{package}/", 1)
+            raise web.HTTPMovedPermanently(location=_with_query(target, request))
+        kind = self._negotiate(request)
+        base = base_url(request, self.pipeline.config.server)
+        group = (ref.domain, self.name, package)
+        variant = (ref.repository, kind, base)
+        page = self.pipeline.hot.page(group, variant)
+        if page is None:
+            page = await self._render(request, package, kind, base)
+            self.pipeline.hot.remember_page(group, variant, page)
+            status = page.cache_status
+        else:
+            status = "HIT"
+        if _etag_matches(request, page.etag):
+            response = web.Response(status=304)
+        else:
+            response = web.Response(body=page.body)
+            response.headers[hdrs.CONTENT_TYPE] = page.content_type
+        response.headers[hdrs.ETAG] = page.etag
+        response.headers[hdrs.VARY] = "Accept"
+        response.headers["X-Cache"] = status
+        response.headers[hdrs.CACHE_CONTROL] = "max-age=0, must-revalidate"
+        for name, value in page.headers:
+            response.headers[name] = value
+        return response
+
+    async def _render(self, request: web.Request, package: str, kind: str, base: str) -> RenderedPage:
+        ref = repo_ref(request)
+        resolved = await self.pipeline.resolver.listing(ref, self, package)
+        stored = await self.pipeline.resolver.cached_files(ref, self.name, package)
+        prefix = f"{base}/{quote(ref.domain)}/pypi/{quote(ref.repository)}/files/{package}/"
+        urls = {f.filename: prefix + quote(f.filename) for f in resolved.listing.files}
+        derived = {name: rec.digest.hex for name, rec in stored.items() if name.endswith(".metadata")}
+        sizes = {name: rec.size for name, rec in stored.items()}
+        if kind == simple.JSON_V1:
+            body = simple.render_json(package, resolved.listing, urls, sizes, derived)
+        else:
+            body = simple.render_html(package, resolved.listing, urls, derived)
+        headers: tuple[tuple[str, str], ...] = ()
+        if resolved.warnings:
+            text = "; ".join(resolved.warnings).replace("\r", " ").replace("\n", " ")[:500]
+            headers = (("X-Proxy-Warning", text),)
+        return RenderedPage(
+            body=body,
+            content_type=_media(kind),
+            etag=f'"{hashlib.sha256(body).hexdigest()[:40]}"',
+            cache_status=resolved.status.value,
+            expires_at=resolved.expires_at,
+            headers=headers,
+        )
+
+    async def file(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        package = self.normalize(request.match_info["project"])
+        filename = request.match_info["filename"]
+        if not _FILENAME_RE.match(filename):
+            raise BadRequest(f"{filename!r} is not a valid distribution filename")
+        handle = await self.pipeline.resolver.asset(ref, self, package, filename)
+        return await send_asset(request, handle, self.pipeline.blobs)
+
+    def _negotiate(self, request: web.Request) -> str:
+        kind = simple.negotiate(request.headers.get(hdrs.ACCEPT), request.query.get("format"))
+        if kind is None:
+            raise NotAcceptable(
+                "none of the accepted media types is served here; use "
+                f"{simple.JSON_V1}, {simple.HTML_V1} or text/html"
+            )
+        return kind
+
+
+def _media(kind: str) -> str:
+    return "text/html; charset=utf-8" if kind == simple.TEXT_HTML else kind
+
+
+def _with_query(path: str, request: web.Request) -> str:
+    return f"{path}?{request.query_string}" if request.query_string else path
+
+
+def _etag_matches(request: web.Request, etag: str) -> bool:
+    header = request.headers.get(hdrs.IF_NONE_MATCH)
+    if not header:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
+    return "*" in tags or etag in tags

@@ -1,0 +1,20 @@
+"""What adapters may ask the pipeline for, bundled once in ``build_app``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.config import Config
+from proxy.pipeline.resolve import Resolver
+from proxy.storage.hot import HotCache
+from proxy.storage.local import LocalBlobStore
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """The shared services. Adapters call these; they never reach SQL or files themselves."""
+
+    config: Config
+    resolver: Resolver
+    hot: HotCache
+    blobs: LocalBlobStore

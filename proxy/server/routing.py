@@ -1,0 +1,62 @@
+"""From a request path to a repository, and the path-safety checks every request passes.
+
+Names from clients never become file-system paths (blobs are addressed by hash), but a path
+with ``..``, an encoded slash or a NUL is still refused with a 400 before any handler sees it:
+such a request is either a mistake or an attack, and neither should reach a parser.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from proxy.config import NAME_RE, ServerConfig
+from proxy.errors import BadRequest, Handler, NotFound
+from proxy.model import RepoRef
+
+_BAD_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+
+
+def check_path(raw_path: str) -> None:
+    """Refuse traversal and smuggling in the raw (still percent-encoded) path."""
+    path = raw_path.split("?", 1)[0]
+    if _BAD_ENCODED.search(path):
+        raise BadRequest("encoded '/', '\\' or NUL is not allowed in a path")
+    for segment in path.split("/"):
+        decoded = unquote(segment)
+        if decoded in {".", ".."} or "\x00" in decoded or "\\" in decoded:
+            raise BadRequest(f"path segment {segment!r} is not allowed")
+
+
+@web.middleware
+async def path_safety_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    check_path(request.raw_path)
+    return await handler(request)
+
+
+def repo_ref(request: web.Request) -> RepoRef:
+    """The repository a route names; 404 (with what was not found) for names that cannot exist."""
+    domain = request.match_info["domain"]
+    repo = request.match_info["repo"]
+    if not NAME_RE.match(domain):
+        raise NotFound(f"domain {domain!r} does not exist", detail={"domain": domain})
+    if not NAME_RE.match(repo):
+        raise NotFound(
+            f"repository {repo!r} does not exist in domain {domain!r}",
+            detail={"domain": domain, "repository": repo},
+        )
+    return RepoRef(domain, repo)
+
+
+def base_url(request: web.Request, server: ServerConfig) -> str:
+    """Where clients reach this proxy: the configured public URL, else the request's own."""
+    if server.public_url:
+        return server.public_url
+    scheme = request.scheme
+    host = request.host
+    if server.trust_forwarded:
+        scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip() or scheme
+        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
+    return f"{scheme}://{host}"

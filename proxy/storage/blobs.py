@@ -1,0 +1,56 @@
+"""The blob store seam: bytes addressed by their SHA-256, nothing else.
+
+On-disk layout of the local backend (``data/`` is the configured data directory)::
+
+    data/index.sqlite3          the index (WAL mode), see storage/index.py
+    data/blobs/sha256/ab/abcd…  one file per blob, named by its full hex digest, under a
+                                directory named by the digest's first two hex characters
+    data/tmp/*.part             staging files; same file system, so a commit is one rename;
+                                removed at startup (they are what a crash leaves behind)
+
+Nothing but blob files lives under ``blobs/``: aiohttp's FileResponse would happily serve a
+``.gz`` sibling, and names from clients or upstreams never become paths (blobs are addressed by
+hash only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from proxy.model import Digest
+from proxy.storage.staging import StagedBlob
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """What the store knows of one blob."""
+
+    digest: Digest
+    size: int
+
+
+class BlobStore(Protocol):
+    """Content-addressed storage. Knows digests, never formats or package names."""
+
+    async def stat(self, digest: Digest) -> BlobInfo | None:
+        """The blob's size, or None when it is not stored."""
+        ...
+
+    async def put(self, staged: StagedBlob) -> BlobInfo:
+        """Make a verified staged file visible; idempotent (same digest is stored once)."""
+        ...
+
+    def open(self, digest: Digest, offset: int = 0) -> AsyncIterator[bytes]:
+        """Stream the blob's bytes from ``offset``."""
+        ...
+
+    def local_path(self, digest: Digest) -> Path | None:
+        """A path for sendfile when the blob is on local disk (no existence check)."""
+        ...
+
+    async def delete(self, digest: Digest) -> bool:
+        """Remove a blob; True if it existed."""
+        ...

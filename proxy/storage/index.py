@@ -1,0 +1,286 @@
+"""The SQLite index: every fact about blobs, assets and cached documents.
+
+One aiosqlite connection (its own thread) in WAL mode with ``synchronous=FULL``, so an
+acknowledged write survives a crash. The schema is versioned with ``PRAGMA user_version`` and
+migrated at startup from the numbered files in ``migrations/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from proxy.model import AssetRecord, Digest, RepoRef
+
+_ASSET_COLUMNS = (
+    "domain, repository, format, package, filename, version, digest, size, content_type, "
+    "origin_url, upstream, hosted, fetched_at, last_accessed"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRow:
+    """A cached metadata document and the validators to revalidate it."""
+
+    upstream: str
+    key: str
+    url: str
+    body: bytes
+    content_type: str
+    etag: str | None
+    last_modified: str | None
+    serial: int | None
+    fetched_at: float
+    expires_at: float
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = importlib.resources.files("proxy.storage.migrations")
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class Index:
+    """Typed queries over the index; the only code that writes SQL."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: aiosqlite.Connection | None = None
+        # One connection is shared by every coroutine: writes take turns, so one coroutine's
+        # transaction never swallows (or rolls back) another's statements.
+        self._write_lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        async with self._write_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise RuntimeError("the index is not open")
+        return self._conn
+
+    async def open(self) -> None:
+        """Connect, set WAL and durability, and migrate the schema to the newest version."""
+        self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=FULL")
+        await self._db.execute("PRAGMA busy_timeout=5000")
+        await self._db.execute("PRAGMA foreign_keys=ON")
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        for version, script in _migrations():
+            if version <= current:
+                continue
+            await self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={version};\nCOMMIT;")
+
+    async def schema_version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def ping(self) -> None:
+        """A trivial query, for readiness checks."""
+        async with self._db.execute("SELECT 1") as cur:
+            await cur.fetchone()
+
+    # --- assets -------------------------------------------------------------------------------
+
+    async def get_asset(self, repo: RepoRef, fmt: str, package: str, filename: str) -> AssetRecord | None:
+        sql = (
+            f"SELECT {_ASSET_COLUMNS} FROM assets WHERE domain=? AND repository=? AND format=? "
+            "AND package=? AND filename=?"
+        )
+        async with self._db.execute(sql, (repo.domain, repo.repository, fmt, package, filename)) as cur:
+            row = await cur.fetchone()
+        return _asset(row) if row else None
+
+    async def package_assets(self, repo: RepoRef, fmt: str, package: str) -> list[AssetRecord]:
+        sql = (
+            f"SELECT {_ASSET_COLUMNS} FROM assets WHERE domain=? AND repository=? AND format=? "
+            "AND package=? ORDER BY filename"
+        )
+        async with self._db.execute(sql, (repo.domain, repo.repository, fmt, package)) as cur:
+            rows = await cur.fetchall()
+        return [_asset(r) for r in rows]
+
+    async def list_packages(self, repo: RepoRef, fmt: str) -> list[str]:
+        sql = (
+            "SELECT DISTINCT package FROM assets WHERE domain=? AND repository=? AND format=? "
+            "ORDER BY package"
+        )
+        async with self._db.execute(sql, (repo.domain, repo.repository, fmt)) as cur:
+            rows = await cur.fetchall()
+        return [str(r[0]) for r in rows]
+
+    async def add_assets(self, records: Iterable[AssetRecord]) -> list[AssetRecord]:
+        """Insert rows that do not exist yet, in one transaction.
+
+        Returns the rows that already existed with a *different* digest: a cached or published
+        ``name@version`` never changes bytes, so such a conflict is reported, never followed.
+        """
+        conflicts: list[AssetRecord] = []
+        now = time.time()
+        async with self._transaction():
+            for rec in records:
+                existing = await self.get_asset(rec.repo, rec.format, rec.package, rec.filename)
+                if existing is not None:
+                    if existing.digest != rec.digest:
+                        conflicts.append(existing)
+                    continue
+                await self._db.execute(
+                    f"INSERT INTO assets ({_ASSET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        rec.repo.domain,
+                        rec.repo.repository,
+                        rec.format,
+                        rec.package,
+                        rec.filename,
+                        rec.version,
+                        rec.digest.hex,
+                        rec.size,
+                        rec.content_type,
+                        rec.origin_url,
+                        rec.upstream,
+                        int(rec.hosted),
+                        rec.fetched_at or now,
+                        now,
+                    ),
+                )
+        return conflicts
+
+    async def delete_asset(self, repo: RepoRef, fmt: str, package: str, filename: str) -> bool:
+        async with self._transaction():
+            cur = await self._db.execute(
+                "DELETE FROM assets WHERE domain=? AND repository=? AND format=? AND package=? "
+                "AND filename=?",
+                (repo.domain, repo.repository, fmt, package, filename),
+            )
+        return cur.rowcount > 0
+
+    async def touch_assets(self, keys: Iterable[tuple[RepoRef, str, str, str]], when: float) -> None:
+        """Record last access for a batch of assets (flushed periodically, not per request)."""
+        rows = [(when, k[0].domain, k[0].repository, k[1], k[2], k[3]) for k in keys]
+        if rows:
+            async with self._transaction():
+                await self._db.executemany(
+                    "UPDATE assets SET last_accessed=? WHERE domain=? AND repository=? "
+                    "AND format=? AND package=? AND filename=?",
+                    rows,
+                )
+
+    async def digest_in_use(self, digest: Digest) -> bool:
+        async with self._db.execute("SELECT 1 FROM assets WHERE digest=? LIMIT 1", (digest.hex,)) as cur:
+            return await cur.fetchone() is not None
+
+    # --- documents ----------------------------------------------------------------------------
+
+    async def get_document(self, upstream: str, key: str) -> DocumentRow | None:
+        sql = (
+            "SELECT upstream, doc_key, url, body, content_type, etag, last_modified, serial, "
+            "fetched_at, expires_at FROM documents WHERE upstream=? AND doc_key=?"
+        )
+        async with self._db.execute(sql, (upstream, key)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return DocumentRow(
+            upstream=row[0],
+            key=row[1],
+            url=row[2],
+            body=bytes(row[3]),
+            content_type=row[4],
+            etag=row[5],
+            last_modified=row[6],
+            serial=row[7],
+            fetched_at=row[8],
+            expires_at=row[9],
+        )
+
+    async def put_document(self, doc: DocumentRow) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                "INSERT OR REPLACE INTO documents (upstream, doc_key, url, body, content_type, etag, "
+                "last_modified, serial, fetched_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    doc.upstream,
+                    doc.key,
+                    doc.url,
+                    doc.body,
+                    doc.content_type,
+                    doc.etag,
+                    doc.last_modified,
+                    doc.serial,
+                    doc.fetched_at,
+                    doc.expires_at,
+                ),
+            )
+            await self._db.execute(
+                "DELETE FROM negative_cache WHERE upstream=? AND doc_key=?", (doc.upstream, doc.key)
+            )
+
+    async def renew_document(self, upstream: str, key: str, fetched_at: float, expires_at: float) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE documents SET fetched_at=?, expires_at=? WHERE upstream=? AND doc_key=?",
+                (fetched_at, expires_at, upstream, key),
+            )
+
+    async def get_negative(self, upstream: str, key: str) -> float | None:
+        """When the remembered 404 expires, or None if there is none."""
+        sql = "SELECT expires_at FROM negative_cache WHERE upstream=? AND doc_key=?"
+        async with self._db.execute(sql, (upstream, key)) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row else None
+
+    async def put_negative(self, upstream: str, key: str, expires_at: float) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                "INSERT OR REPLACE INTO negative_cache (upstream, doc_key, expires_at) VALUES (?,?,?)",
+                (upstream, key, expires_at),
+            )
+
+
+def _asset(row: aiosqlite.Row | tuple[object, ...]) -> AssetRecord:
+    r = tuple(row)
+    return AssetRecord(
+        repo=RepoRef(str(r[0]), str(r[1])),
+        format=str(r[2]),
+        package=str(r[3]),
+        filename=str(r[4]),
+        version=None if r[5] is None else str(r[5]),
+        digest=Digest(str(r[6])),
+        size=int(r[7]),
+        content_type=str(r[8]),
+        origin_url=None if r[9] is None else str(r[9]),
+        upstream=None if r[10] is None else str(r[10]),
+        hosted=bool(r[11]),
+        fetched_at=float(r[12]),
+    )

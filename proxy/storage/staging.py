@@ -1,0 +1,222 @@
+"""Staging: where bytes wait until they are complete, durable and verified.
+
+Every write into the cache (an upstream download, later an upload) streams into a temp file in
+``data/tmp/`` while being hashed. ``finish()`` flushes, fsyncs, and checks the length and every
+declared hash; only a :class:`StagedBlob` that passed may be handed to a blob store. Leaving the
+writer's ``async with`` without ``finish()`` aborts it and removes the file, so abort is the default
+on any error. Readers (single-flight waiters) may tail the file while it grows: ``progress`` says how
+many bytes are written so far and wakes them on every advance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from proxy.model import CHECKABLE_HASHES, Digest
+
+FLUSH_BYTES = 512 * 1024
+FLUSH_SECONDS = 0.02
+TEMP_SUFFIX = ".part"
+
+
+class StagingError(Exception):
+    """The staged bytes are not what was promised; nothing of them may be kept."""
+
+
+class BlobCorrupt(StagingError):
+    """A declared hash does not match the bytes."""
+
+
+class BlobTruncated(StagingError):
+    """The bytes are shorter (or longer) than declared."""
+
+
+class BlobTooLarge(StagingError):
+    """The bytes exceed the size limit of this write."""
+
+
+@dataclass(frozen=True, slots=True)
+class StagedBlob:
+    """A complete, fsynced, verified temp file, ready to be renamed into the blob store."""
+
+    path: Path
+    digest: Digest
+    size: int
+    hashes: Mapping[str, str]
+
+
+class Progress:
+    """How far a staged file has been written; readers wait on it instead of polling."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def advance(self, written: int) -> None:
+        self.written = written
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Return once more than ``offset`` bytes are written, or the writer is done."""
+        while self.written <= offset and not self.closed:
+            event = self._changed
+            await event.wait()
+
+    def _wake(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+
+class StagedWriter:
+    """One temp file being filled; see the module docstring for its life cycle."""
+
+    def __init__(self, path: Path, expect: Mapping[str, str], expect_size: int | None, max_size: int) -> None:
+        self.path = path
+        self.progress = Progress()
+        self._expect = {k: v.lower() for k, v in expect.items() if k in CHECKABLE_HASHES}
+        self._expect_size = expect_size
+        self._max_size = max_size
+        self._hashers: dict[str, Any] = {"sha256": hashlib.sha256()}
+        for name in self._expect:
+            self._hashers.setdefault(name, hashlib.new(name))
+        self._fd: int | None = None
+        self._buffer = bytearray()
+        self._size = 0
+        self._last_flush = time.monotonic()
+        self._done = False
+
+    async def open(self) -> None:
+        self._fd = await asyncio.to_thread(
+            os.open,
+            self.path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            0o600,
+        )
+
+    async def __aenter__(self) -> StagedWriter:
+        if self._fd is None:
+            await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._done:
+            await self.abort()
+
+    @property
+    def size(self) -> int:
+        return self._size + len(self._buffer)
+
+    async def write(self, chunk: bytes) -> None:
+        """Buffer a chunk; hand big batches (or any data after a pause) to a thread to write."""
+        if self.size + len(chunk) > self._max_size:
+            raise BlobTooLarge(f"larger than the limit of {self._max_size} bytes")
+        self._buffer += chunk
+        now = time.monotonic()
+        if len(self._buffer) >= FLUSH_BYTES or now - self._last_flush >= FLUSH_SECONDS:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        await asyncio.to_thread(self._write_and_hash, data)
+        self._size += len(data)
+        self._last_flush = time.monotonic()
+        self.progress.advance(self._size)
+
+    def _write_and_hash(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        for hasher in self._hashers.values():
+            hasher.update(data)  # hashlib releases the GIL for large buffers
+
+    async def finish(self) -> StagedBlob:
+        """Flush, fsync and verify; on any mismatch the file is removed and an error raised."""
+        try:
+            await self.flush()
+            await asyncio.to_thread(self._sync_and_close)
+            if self._expect_size is not None and self._size != self._expect_size:
+                raise BlobTruncated(f"got {self._size} bytes, expected {self._expect_size}")
+            actual = {name: h.hexdigest() for name, h in self._hashers.items()}
+            for name, wanted in self._expect.items():
+                if actual[name] != wanted:
+                    raise BlobCorrupt(f"{name} mismatch: declared {wanted}, got {actual[name]}")
+        except BaseException:
+            await self.abort()
+            raise
+        self._done = True
+        self.progress.close()
+        return StagedBlob(self.path, Digest(actual["sha256"]), self._size, actual)
+
+    def _sync_and_close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    async def abort(self) -> None:
+        """Forget everything written: close and remove the temp file. Safe to call twice."""
+        self._done = True
+        self._buffer.clear()
+        fd, self._fd = self._fd, None
+        await asyncio.to_thread(_close_and_unlink, fd, self.path)
+        self.progress.close()
+
+
+def _close_and_unlink(fd: int | None, path: Path) -> None:
+    if fd is not None:
+        os.close(fd)
+    path.unlink(missing_ok=True)
+
+
+class StagingArea:
+    """The ``tmp/`` directory: same file system as the blobs, so commit is a rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def prepare(self) -> int:
+        """Create the directory and remove leftovers of a crash; returns how many were removed."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.root.iterdir():
+            if leftover.is_file() or leftover.is_symlink():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def create(
+        self,
+        expect: Mapping[str, str] | None = None,
+        *,
+        expect_size: int | None = None,
+        max_size: int,
+    ) -> StagedWriter:
+        """A writer for one new temp file; enter it with ``async with`` to open the file."""
+        path = self.root / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        return StagedWriter(path, expect or {}, expect_size, max_size)

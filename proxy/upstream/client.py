@@ -1,0 +1,261 @@
+"""One external connection: a pooled HTTP session with timeouts, retries, a breaker and a fence.
+
+The fence: requests go only to the connection's own origin or to hosts its ``allow_hosts``
+names, redirects are followed by hand and checked the same way, and any host other than the
+configured origin must resolve to public addresses only (no loopback, private, link-local or
+cloud-metadata ranges), so an upstream document cannot make the proxy fetch from the inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import ipaddress
+import logging
+import random
+import socket
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from proxy import __version__
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.upstream.breaker import CircuitBreaker, CircuitOpen
+
+log = logging.getLogger("proxy.upstream")
+
+MAX_REDIRECTS = 5
+MAX_RETRY_AFTER = 10.0
+USER_AGENT = f"artifact-proxy/{__version__}"
+
+
+class BlockedTarget(UpstreamUnavailable):
+    """A URL outside what this connection may contact."""
+
+
+# Addresses that reach the inside of a network: loopback, private, shared (CGNAT), link-local
+# (which holds cloud metadata services), unspecified, multicast and reserved ranges.
+_INTERNAL_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "::/128",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+        "ff00::/8",
+    )
+)
+
+
+def _is_public(address: str) -> bool:
+    """False for any address in an internal range (IPv4-mapped IPv6 checked as IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not any(ip.version == net.version and ip in net for net in _INTERNAL_NETWORKS)
+
+
+class GuardedResolver(AbstractResolver):
+    """DNS that refuses non-public answers for every host except the trusted origins."""
+
+    def __init__(self, trusted_hosts: frozenset[str]) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self._trusted = trusted_hosts
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if host.lower() in self._trusted:
+            return results
+        public = [r for r in results if _is_public(r["host"])]
+        if not public:
+            raise OSError(f"{host} resolves only to non-public addresses; refusing to connect")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class UpstreamClient:
+    """HTTP access to one external connection. Never sends client credentials anywhere."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
+        self._origin = config.origin
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            resolver=GuardedResolver(frozenset({self._origin[1]})),
+            ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": USER_AGENT},
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def timeout(self, total: float | None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=total, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
+        )
+
+    def check_target(self, url: str) -> None:
+        """Refuse URLs this connection may not contact (see the module docstring)."""
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if parts.scheme not in {"http", "https"} or not host:
+            raise BlockedTarget(f"upstream {self.name}: refusing non-HTTP URL {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if (parts.scheme, host, port) == self._origin:
+            return
+        if not any(fnmatch.fnmatchcase(host, pattern) for pattern in self.config.allow_hosts):
+            raise BlockedTarget(
+                f"upstream {self.name}: host {host} is not allowed for this connection "
+                "(add it to allow_hosts)"
+            )
+        with contextlib.suppress(ValueError):
+            if not _is_public(host):
+                raise BlockedTarget(f"upstream {self.name}: refusing non-public address {host}")
+
+    @contextlib.asynccontextmanager
+    async def get(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        total_timeout: float | None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET with redirects checked by hand and retries before the body is read.
+
+        Yields the response for any status below 500 other than 429; raises
+        :class:`UpstreamUnavailable` / :class:`UpstreamTimeout` naming this upstream otherwise.
+        """
+        if self._session is None:
+            raise UpstreamUnavailable(f"upstream {self.name} is not started")
+        attempts = self.config.retries + 1
+        timeout = self.timeout(total_timeout)
+        last_error: UpstreamUnavailable | None = None
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff(attempt, last_error))
+            try:
+                self.breaker.before_request()
+            except CircuitOpen as exc:
+                raise UpstreamUnavailable(
+                    f"upstream {self.name} is failing; skipped ({exc})",
+                    detail={"upstream": self.name},
+                ) from None
+            recorded = False
+            try:
+                response = await self._follow(url, headers or {}, timeout)
+                if response.status >= 500 or response.status == 429:
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+                    response.release()
+                    if response.status >= 500:
+                        self.breaker.record_failure()
+                    else:
+                        self.breaker.record_success()
+                    recorded = True
+                    last_error = UpstreamUnavailable(
+                        f"upstream {self.name} answered {response.status} for {url}",
+                        detail={"upstream": self.name, "upstream_status": response.status},
+                    )
+                    last_error.retry_after = retry_after  # type: ignore[attr-defined]
+                    continue
+                self.breaker.record_success()
+                recorded = True
+            except BlockedTarget:
+                self.breaker.record_success()
+                recorded = True
+                raise
+            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                self.breaker.record_failure()
+                recorded = True
+                last_error = UpstreamTimeout(
+                    f"upstream {self.name} timed out for {url}", detail={"upstream": self.name}
+                )
+                last_error.__cause__ = exc
+                continue
+            except (aiohttp.ClientError, OSError) as exc:
+                self.breaker.record_failure()
+                recorded = True
+                last_error = UpstreamUnavailable(
+                    f"upstream {self.name} unreachable for {url}: {_describe(exc)}",
+                    detail={"upstream": self.name},
+                )
+                continue
+            finally:
+                if not recorded:  # cancelled mid-request: let the next probe through
+                    self.breaker.record_failure()
+            try:
+                yield response
+            finally:
+                response.release()
+            return
+        assert last_error is not None
+        log.warning("%s", last_error.message)
+        raise last_error
+
+    async def _follow(
+        self, url: str, headers: Mapping[str, str], client_timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        for _ in range(MAX_REDIRECTS + 1):
+            self.check_target(url)
+            response = await self._session.get(
+                url, headers=dict(headers), allow_redirects=False, timeout=client_timeout
+            )
+            if response.status in {301, 302, 303, 307, 308} and "Location" in response.headers:
+                location = urljoin(url, response.headers["Location"])
+                response.release()
+                url = location
+                continue
+            return response
+        raise UpstreamUnavailable(f"upstream {self.name}: too many redirects", detail={"upstream": self.name})
+
+    @staticmethod
+    def _backoff(attempt: int, last_error: Any) -> float:
+        retry_after = getattr(last_error, "retry_after", None)
+        if retry_after is not None:
+            return float(min(retry_after, MAX_RETRY_AFTER))
+        return float(min(5.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]

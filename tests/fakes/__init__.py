@@ -1,0 +1,1 @@
+"""Test doubles: a fake package index and hand-built distributions."""
