@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -32,6 +33,7 @@ from proxy.formats import FORMATS
 from proxy.pipeline.documents import DocumentCache
 from proxy.pipeline.resolve import Resolver
 from proxy.pipeline.services import Pipeline
+from proxy.server.assets import AssetSender
 from proxy.server.middleware import request_id_middleware
 from proxy.server.routing import path_safety_middleware
 from proxy.server.system import SystemRoutes
@@ -47,6 +49,7 @@ log = logging.getLogger("proxy.app")
 PIPELINE = web.AppKey("pipeline", Pipeline)
 FLIGHTS = web.AppKey("flights", FlightGroup)
 TOUCH_INTERVAL = 30.0
+SENDFILE_THREADS = 128
 
 
 def build_app(config: Config) -> web.Application:
@@ -60,7 +63,11 @@ def build_app(config: Config) -> web.Application:
     flights = FlightGroup()
     documents = DocumentCache(index, config.server)
     resolver = Resolver(config, index, hot, blobs, staging, documents, clients, flights)
-    pipeline = Pipeline(config=config, resolver=resolver, hot=hot, blobs=blobs)
+    # Cache hits stream by os.sendfile from these threads; they mostly wait in poll(), so many
+    # are cheap, and their number bounds concurrent large sendfile transfers.
+    sendfile_pool = ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="sendfile")
+    sender = AssetSender(blobs, sendfile_pool)
+    pipeline = Pipeline(config=config, resolver=resolver, hot=hot, blobs=blobs, sender=sender)
 
     app = web.Application(
         middlewares=[request_id_middleware, error_middleware, path_safety_middleware],
@@ -124,6 +131,7 @@ def build_app(config: Config) -> web.Application:
             with contextlib.suppress(Exception):
                 await resolver.flush_touches()
             await index.close()
+            sendfile_pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -119,9 +119,17 @@ def error_body(error: ProxyError, request_id: str) -> dict[str, Any]:
 
 def json_error(error: ProxyError, request_id: str) -> web.Response:
     """Render one error as JSON; adapters may shape their clients' bodies on top of this."""
-    response = web.json_response(error_body(error, request_id), status=error.status)
+    response = web.json_response(
+        error_body(error, request_id), status=error.status, reason=_reason(error)
+    )
     response.headers.update(error.headers)
     return response
+
+
+def _reason(error: ProxyError) -> str:
+    """A reason phrase that says what happened: pip prints it, and it is all pip shows."""
+    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in error.message)
+    return text[:160] or error.code
 
 
 @web.middleware

@@ -26,7 +26,6 @@ from proxy.formats import pypi_simple as simple
 from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.model import ListedFile, Listing
 from proxy.pipeline.documents import DocumentRequest
-from proxy.server.assets import send_asset
 from proxy.server.routing import base_url, repo_ref
 from proxy.storage.hot import RenderedPage
 
@@ -167,7 +166,7 @@ class PyPIAdapter(FormatAdapter):
         if not _FILENAME_RE.match(filename):
             raise BadRequest(f"{filename!r} is not a valid distribution filename")
         handle = await self.pipeline.resolver.asset(ref, self, package, filename)
-        return await send_asset(request, handle, self.pipeline.blobs)
+        return await self.pipeline.sender.asset(request, handle)
 
     def _negotiate(self, request: web.Request) -> str:
         kind = simple.negotiate(request.headers.get(hdrs.ACCEPT), request.query.get("format"))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from proxy.config import Config
 from proxy.pipeline.resolve import Resolver
+from proxy.server.assets import AssetSender
 from proxy.storage.hot import HotCache
 from proxy.storage.local import LocalBlobStore
 
@@ -18,3 +19,4 @@ class Pipeline:
     resolver: Resolver
     hot: HotCache
     blobs: LocalBlobStore
+    sender: AssetSender

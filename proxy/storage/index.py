@@ -96,7 +96,7 @@ class Index:
         async with self._db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         current = int(row[0]) if row else 0
-        for version, script in _migrations():
+        for version, script in await asyncio.to_thread(_migrations):
             if version <= current:
                 continue
             await self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={version};\nCOMMIT;")

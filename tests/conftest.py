@@ -1,0 +1,173 @@
+"""Shared fixtures: real distributions, a fake PyPI upstream, and the proxy running in-process.
+
+Every async test runs under ``blockbuster``: a blocking call on the event loop (file I/O,
+``time.sleep``, a synchronous socket) fails the test. The proxy is the real application built by
+``build_app`` and served on 127.0.0.1; clients are real (aiohttp here, pip and uv as subprocesses
+in the client tests).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from blockbuster import BlockBuster, blockbuster_ctx
+
+from proxy.app import build_app
+from proxy.config import Config, Overrides, parse_config
+from proxy.observability import AccessLogger
+from tests.fakes.dists import build_sdist, build_wheel
+from tests.fakes.pypi import FakePyPI
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any test whose event loop makes a blocking call (sync code outside a loop is fine)."""
+    with blockbuster_ctx() as bb:
+        yield bb
+
+
+@dataclass(frozen=True)
+class Dists:
+    """Distributions built once per session: a package with a dependency, a big file, an sdist."""
+
+    root: Path
+    alpha: Path  # alpha 1.0, requires beta
+    beta: Path  # beta 1.0
+    beta_sdist: Path
+    gamma_nometa: Path  # a wheel published without PEP 658 metadata upstream
+    big: Path  # ~20 MB wheel
+
+
+@pytest.fixture(scope="session")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
+    root = tmp_path_factory.mktemp("dists")
+    return Dists(
+        root=root,
+        alpha=build_wheel(root, "alpha", "1.0", requires=["beta>=1.0"]),
+        beta=build_wheel(root, "beta", "1.0"),
+        beta_sdist=build_sdist(root, "beta", "1.0"),
+        gamma_nometa=build_wheel(root, "gamma", "2.0"),
+        big=build_wheel(root, "bigpkg", "1.0", payload_size=20 * 2**20),
+    )
+
+
+@pytest.fixture
+async def pypi(dists: Dists) -> AsyncIterator[FakePyPI]:
+    """A fake upstream with alpha (→ beta), beta (wheel + sdist), gamma (no metadata), bigpkg."""
+    async with FakePyPI() as fake:
+        await fake.add_file_async("alpha", dists.alpha)
+        await fake.add_file_async("beta", dists.beta)
+        await fake.add_file_async("beta", dists.beta_sdist)
+        await fake.add_file_async("gamma", dists.gamma_nometa, with_metadata=False)
+        await fake.add_file_async("bigpkg", dists.big)
+        yield fake
+
+
+@dataclass
+class RunningProxy:
+    """A proxy served on 127.0.0.1 by the test's event loop."""
+
+    url: str
+    config: Config
+    runner: web.AppRunner
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.server.data_dir
+
+    def simple(self, repo: str = "public", domain: str = "default") -> str:
+        return f"{self.url}/{domain}/pypi/{repo}/simple/"
+
+    def files(self, project: str, filename: str, repo: str = "public") -> str:
+        return f"{self.url}/default/pypi/{repo}/files/{project}/{filename}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def proxy_config(data_dir: Path, upstream_url: str, **server: Any) -> dict[str, Any]:
+    """A config document with one fake upstream; ``server`` and ``upstream_*`` keys override."""
+    upstream: dict[str, Any] = {
+        "format": "pypi",
+        "url": upstream_url,
+        "metadata_ttl": "10m",
+        "connect_timeout": "2s",
+        "read_timeout": "5s",
+        "metadata_timeout": "5s",
+        "retries": 1,
+    }
+    for key in list(server):
+        if key.startswith("upstream_"):
+            upstream[key.removeprefix("upstream_")] = server.pop(key)
+    return {
+        "server": {"data_dir": str(data_dir), "soft_deadline": "2s", **server},
+        "upstreams": {"fake": upstream},
+        "domains": [
+            {
+                "name": "default",
+                "repositories": [
+                    {"name": "public", "upstreams": ["fake"]},
+                    {"name": "team", "upstreams": ["public"]},
+                ],
+            }
+        ],
+    }
+
+
+ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """Start proxies for this test (stopped at its end); the data dir is shared unless given."""
+    started: list[RunningProxy] = []
+
+    async def start(upstream_url: str, *, data_dir: Path | None = None, **server: Any) -> RunningProxy:
+        raw = proxy_config(data_dir or tmp_path / "data", upstream_url, **server)
+        config = parse_config(raw, Overrides(), os.environ)
+        runner = web.AppRunner(build_app(config), access_log_class=AccessLogger)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        proxy = RunningProxy(url=f"http://{host}:{port}", config=config, runner=runner)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in reversed(started):
+        await proxy.stop()
+
+
+@pytest.fixture
+async def proxy(proxy_factory: ProxyFactory, pypi: FakePyPI) -> RunningProxy:
+    return await proxy_factory(pypi.url)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def index_rows(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read the index directly (sync: call through ``asyncio.to_thread`` in async tests)."""
+    with sqlite3.connect(data_dir / "index.sqlite3") as db:
+        return list(db.execute(sql, params))
+
+
+def blob_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in (data_dir / "blobs").rglob("*") if p.is_file())
+
+
+def temp_files(data_dir: Path) -> list[Path]:
+    tmp = data_dir / "tmp"
+    return sorted(tmp.iterdir()) if tmp.exists() else []
