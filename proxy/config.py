@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -53,8 +54,8 @@ def parse_duration(value: object, key: str) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ConfigError(f"{key}: expected a duration such as '10m' or '30s', got {value!r}")
-    if seconds < 0:
-        raise ConfigError(f"{key}: a duration cannot be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{key}: a duration must be a finite, non-negative number, got {value!r}")
     return seconds
 
 
@@ -321,7 +322,9 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
     plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries"}
     _only_keys(raw, p, durations | sizes | plain)
     listen = overrides.listen or _get(raw, "listen", p, str, f"{d.host}:{d.port}")
-    host, port = parse_listen(listen, "--listen" if overrides.listen else f"{p}.listen")
+    host, port = parse_listen(
+        listen, "--listen / ARTIFACT_PROXY_LISTEN" if overrides.listen else f"{p}.listen"
+    )
     data_dir = overrides.data_dir or Path(_get(raw, "data_dir", p, str, str(d.data_dir)))
     offline = overrides.offline if overrides.offline is not None else _get(raw, "offline", p, bool, False)
     public_url = _get(raw, "public_url", p, str, "") or None
@@ -427,6 +430,11 @@ def _parse_domain(index: int, raw: object, upstreams: Mapping[str, UpstreamConfi
     if len(repo_names) != len(repos):
         raise ConfigError(f"domains.{name}.repositories: a repository name is used twice")
     for repo in repos:
+        if repo.name in upstreams:
+            raise ConfigError(
+                f"domains.{name}.{repo.name}: a repository cannot share its name with a connection "
+                "under [upstreams] (upstream lists would be ambiguous)"
+            )
         for upstream in repo.upstreams:
             if upstream == repo.name:
                 raise ConfigError(

@@ -119,9 +119,7 @@ def error_body(error: ProxyError, request_id: str) -> dict[str, Any]:
 
 def json_error(error: ProxyError, request_id: str) -> web.Response:
     """Render one error as JSON; adapters may shape their clients' bodies on top of this."""
-    response = web.json_response(
-        error_body(error, request_id), status=error.status, reason=_reason(error)
-    )
+    response = web.json_response(error_body(error, request_id), status=error.status, reason=_reason(error))
     response.headers.update(error.headers)
     return response
 

@@ -56,15 +56,32 @@ async def _run(*cmd: str, timeout: float = 120.0) -> ClientRun:
 async def pip_install(index_url: str, target: Path, *requirements: str) -> ClientRun:
     """``pip install --target`` from the proxy only."""
     return await _run(
-        sys.executable, "-m", "pip", "install", "-v", "--no-cache-dir", "--index-url", index_url,
-        "--target", str(target), *requirements,
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-v",
+        "--no-cache-dir",
+        "--index-url",
+        index_url,
+        "--target",
+        str(target),
+        *requirements,
     )
 
 
 async def pip_download(index_url: str, dest: Path, *requirements: str) -> ClientRun:
     return await _run(
-        sys.executable, "-m", "pip", "download", "--no-cache-dir", "--index-url", index_url,
-        "--dest", str(dest), *requirements,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-cache-dir",
+        "--index-url",
+        index_url,
+        "--dest",
+        str(dest),
+        *requirements,
     )
 
 
@@ -72,8 +89,17 @@ async def uv_install(index_url: str, target: Path, *requirements: str) -> Client
     """``uv pip install --target`` from the proxy only."""
     uv = await asyncio.to_thread(find_uv_bin)
     return await _run(
-        uv, "pip", "install", "--no-cache", "--index-url", index_url,
-        "--python", sys.executable, "--target", str(target), *requirements,
+        uv,
+        "pip",
+        "install",
+        "--no-cache",
+        "--index-url",
+        index_url,
+        "--python",
+        sys.executable,
+        "--target",
+        str(target),
+        *requirements,
     )
 
 

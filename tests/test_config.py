@@ -80,11 +80,12 @@ def test_parse_duration_invalid_names_key(value: object) -> None:
 
 
 def test_parse_duration_negative_number() -> None:
-    with pytest.raises(ConfigError, match=r"^server\.soft_deadline: a duration cannot be negative"):
+    with pytest.raises(
+        ConfigError, match=r"^server\.soft_deadline: a duration must be a finite, non-negative"
+    ):
         parse_duration(-1, "server.soft_deadline")
 
 
-@pytest.mark.xfail(strict=True, reason="parse_duration accepts NaN (TOML allows `nan`)")
 def test_parse_duration_rejects_nan() -> None:
     with pytest.raises(ConfigError, match=r"server\.soft_deadline"):
         parse_duration(float("nan"), "server.soft_deadline")
@@ -135,7 +136,9 @@ def test_parse_listen_valid(value: str, parts: tuple[str, int]) -> None:
     assert parse_listen(value, "server.listen") == parts
 
 
-@pytest.mark.parametrize("value", ["8080", "localhost", "::1:8080", "host:port", ":8080", "a:b:1", 8080, None])
+@pytest.mark.parametrize(
+    "value", ["8080", "localhost", "::1:8080", "host:port", ":8080", "a:b:1", 8080, None]
+)
 def test_parse_listen_invalid_names_key(value: object) -> None:
     with pytest.raises(ConfigError, match=r"^server\.listen: expected 'host:port'"):
         parse_listen(value, "server.listen")
@@ -373,7 +376,9 @@ def _invalid_cases() -> list[Any]:
             ("server.public_url", "http(s) URL"),
             id="bad-public-url",
         ),
-        pytest.param(document(domains={"name": "default"}), ("domains", "array"), id="domains-not-array"),
+        pytest.param(
+            {**document(), "domains": {"name": "default"}}, ("domains", "array"), id="domains-not-array"
+        ),
         pytest.param(document(upstreams={"mirror": "x"}), ("upstreams.mirror", "table"), id="upstream-str"),
     ]
 
@@ -426,7 +431,7 @@ def test_offline_false_override_beats_file_true() -> None:
 
 
 def test_bad_listen_override_names_the_flag() -> None:
-    with pytest.raises(ConfigError, match=r"^--listen: "):
+    with pytest.raises(ConfigError, match=r"^--listen / ARTIFACT_PROXY_LISTEN: "):
         parse_config(document(), Overrides(listen="nowhere"), {})
 
 
@@ -576,7 +581,7 @@ def test_load_config_from_file(tmp_path: Path) -> None:
 
 def test_load_config_missing_file_names_it(tmp_path: Path) -> None:
     path = tmp_path / "absent.toml"
-    with pytest.raises(ConfigError, match="absent.toml"):
+    with pytest.raises(ConfigError, match=r"absent\.toml"):
         load_config(Overrides(config_file=path), {})
 
 

@@ -30,8 +30,7 @@ from tests.fakes.pypi import JSON_CT, FakePyPI, Fault
 
 UPLOAD_TIME = "2024-01-02T03:04:05.000000Z"
 PIP_ACCEPT = (
-    "application/vnd.pypi.simple.v1+json, "
-    "application/vnd.pypi.simple.v1+html; q=0.1, text/html; q=0.01"
+    "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html; q=0.1, text/html; q=0.01"
 )
 
 
@@ -70,9 +69,7 @@ def dists(tmp_path: Path) -> dict[str, Built]:
     """A small wheel, a wheel big enough for body faults, and an sdist (built off-loop)."""
     out = tmp_path / "dists"
     return {
-        "wheel": _built(
-            build_wheel(out, "alpha", "1.0", requires_python=">=3.8", requires=["beta>=1"])
-        ),
+        "wheel": _built(build_wheel(out, "alpha", "1.0", requires_python=">=3.8", requires=["beta>=1"])),
         "big": _built(build_wheel(out, "alpha", "2.0", payload_size=256 * 1024)),
         "sdist": _built(build_sdist(out, "alpha", "1.0")),
     }
@@ -84,9 +81,7 @@ async def pypi(dists: dict[str, Built]) -> AsyncIterator[FakePyPI]:
     async with FakePyPI() as fake:
         await fake.add_file_async("alpha", dists["wheel"].path, requires_python=">=3.8")
         await fake.add_file_async("alpha", dists["big"].path, yanked="broken <build>")
-        await fake.add_file_async(
-            "alpha", dists["sdist"].path, upload_time="2024-01-02T03:04:05.000000Z"
-        )
+        await fake.add_file_async("alpha", dists["sdist"].path, upload_time="2024-01-02T03:04:05.000000Z")
         yield fake
 
 
@@ -340,9 +335,7 @@ async def test_fault_wrong_bytes(
     assert hashlib.sha256(body).hexdigest() != dists["big"].sha256
 
 
-async def test_fault_slow(
-    pypi: FakePyPI, session: aiohttp.ClientSession, dists: dict[str, Built]
-) -> None:
+async def test_fault_slow(pypi: FakePyPI, session: aiohttp.ClientSession, dists: dict[str, Built]) -> None:
     """Slow bodies arrive chunk by chunk, the first long before the last."""
     path = f"/files/{dists['wheel'].name}"
     size = dists["wheel"].size

@@ -99,8 +99,7 @@ class PyPIAdapter(FormatAdapter):
         kind = self._negotiate(request)
         names = await self.pipeline.resolver.package_names(ref, self.name)
         body = simple.render_project_list(names, kind == simple.JSON_V1)
-        response = web.Response(body=body, content_type=_media(kind))
-        response.headers[hdrs.VARY] = "Accept"
+        response = web.Response(body=body, headers={hdrs.CONTENT_TYPE: _media(kind), hdrs.VARY: "Accept"})
         return response
 
     async def project_page(self, request: web.Request) -> web.StreamResponse:
@@ -117,7 +116,8 @@ class PyPIAdapter(FormatAdapter):
         page = self.pipeline.hot.page(group, variant)
         if page is None:
             page = await self._render(request, package, kind, base)
-            self.pipeline.hot.remember_page(group, variant, page)
+            if page.cache_status != "STALE":  # a stale page is re-rendered until a refresh lands
+                self.pipeline.hot.remember_page(group, variant, page)
             status = page.cache_status
         else:
             status = "HIT"
@@ -169,7 +169,9 @@ class PyPIAdapter(FormatAdapter):
         return await self.pipeline.sender.asset(request, handle)
 
     def _negotiate(self, request: web.Request) -> str:
-        kind = simple.negotiate(request.headers.get(hdrs.ACCEPT), request.query.get("format"))
+        # A literal '+' in a query string decodes to a space; media types never contain spaces.
+        format_param = request.query.get("format", "").replace(" ", "+") or None
+        kind = simple.negotiate(request.headers.get(hdrs.ACCEPT), format_param)
         if kind is None:
             raise NotAcceptable(
                 "none of the accepted media types is served here; use "

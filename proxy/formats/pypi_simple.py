@@ -330,6 +330,13 @@ def negotiate(accept: str | None, format_param: str | None) -> str | None:
     if not accept:
         return TEXT_HTML
     best: tuple[float, int, str] | None = None
+    refused = {
+        supported[m.split(";")[0].strip().lower()]
+        for m in accept.split(",")
+        if m.split(";")[0].strip().lower() in supported
+        and m.split(";")[0].strip() not in {"*/*", "text/*"}
+        and re.search(r";\s*q\s*=\s*0(\.0*)?\s*(;|$)", m)
+    }
     for position, part in enumerate(accept.split(",")):
         media, *params = (p.strip() for p in part.split(";"))
         q = 1.0
@@ -343,6 +350,11 @@ def negotiate(accept: str | None, format_param: str | None) -> str | None:
         chosen = supported.get(media.lower())
         if chosen is None or q <= 0:
             continue
+        if media in {"*/*", "text/*"} and chosen in refused:
+            # A wildcard never brings back a type the client refused by name (RFC 9110 12.5.1).
+            chosen = next((c for c in (TEXT_HTML, HTML_V1, JSON_V1) if c not in refused), "")
+            if not chosen:
+                continue
         rank = (q, -position, chosen)
         if best is None or rank[:2] > best[:2]:
             best = rank

@@ -129,12 +129,7 @@ def build_wheel(
         ),
         (
             f"{dist_info}/WHEEL",
-            (
-                b"Wheel-Version: 1.0\n"
-                b"Generator: tests.fakes.dists\n"
-                b"Root-Is-Purelib: true\n"
-                b"Tag: py3-none-any\n"
-            ),
+            (b"Wheel-Version: 1.0\nGenerator: tests.fakes.dists\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
         ),
     ]
     records: list[tuple[str, str, str]] = []

@@ -241,9 +241,7 @@ class FakePyPI:
         # handler_cancellation: a client that hangs up mid-download cancels
         # our streaming handler, like a real server would stop sending.
         # A short shutdown_timeout keeps teardown fast with stalled requests.
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None
-        )
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.host, 0)
         await self._site.start()
@@ -409,9 +407,7 @@ class FakePyPI:
 
     def _file_json(self, f: FakeFile) -> dict[str, Any]:
         """PEP 691 (+658/700/714) JSON entry for one file."""
-        meta: dict[str, str] | bool = (
-            {"sha256": f.core_metadata_sha256} if f.core_metadata_sha256 else False
-        )
+        meta: dict[str, str] | bool = {"sha256": f.core_metadata_sha256} if f.core_metadata_sha256 else False
         return {
             "filename": f.filename,
             "url": self.file_url(f.filename),
@@ -466,21 +462,17 @@ class FakePyPI:
             doc = {
                 "meta": {"api-version": "1.1", "_last-serial": self._serial_counter},
                 "projects": [
-                    {"name": p.name, "_last-serial": self.serial.get(n, 0)}
-                    for n, p in self._projects.items()
+                    {"name": p.name, "_last-serial": self.serial.get(n, 0)} for n, p in self._projects.items()
                 ],
             }
             return json.dumps(doc, separators=(",", ":")).encode()
         links = "".join(
-            f'    <a href="/simple/{n}/">{html.escape(p.name)}</a>\n'
-            for n, p in self._projects.items()
+            f'    <a href="/simple/{n}/">{html.escape(p.name)}</a>\n' for n, p in self._projects.items()
         )
         return (
             "<!DOCTYPE html>\n<html>\n  <head>\n"
             '    <meta name="pypi:repository-version" content="1.1">\n'
-            "    <title>Simple index</title>\n  </head>\n  <body>\n"
-            + links
-            + "  </body>\n</html>\n"
+            "    <title>Simple index</title>\n  </head>\n  <body>\n" + links + "  </body>\n</html>\n"
         ).encode()
 
     def _negotiate(self, accept: str | None) -> tuple[str, str]:
@@ -573,20 +565,14 @@ class FakePyPI:
                 # Writing this to the dead transport fails quietly in aiohttp.
                 return web.Response(status=500)
             if fault.kind == "status":
-                return web.Response(
-                    status=fault.status, text=f"fake upstream error {fault.status}\n"
-                )
+                return web.Response(status=fault.status, text=f"fake upstream error {fault.status}\n")
             if fault.kind == "429":
                 return web.Response(
                     status=429,
                     headers={"Retry-After": str(fault.retry_after)},
                     text="too many requests\n",
                 )
-            if (
-                fault.kind == "stall"
-                and await self._sleep(fault.delay)
-                and request.transport is not None
-            ):
+            if fault.kind == "stall" and await self._sleep(fault.delay) and request.transport is not None:
                 # Shutting down mid-stall: hang up rather than answer late.
                 request.transport.abort()
                 return web.Response(status=500)
@@ -594,9 +580,7 @@ class FakePyPI:
         body_fault = fault if fault is not None and fault.kind in _BODY_FAULTS else None
         return await self._send(request, reply, body_fault)
 
-    async def _send(
-        self, request: web.Request, reply: _Reply, fault: Fault | None
-    ) -> web.StreamResponse:
+    async def _send(self, request: web.Request, reply: _Reply, fault: Fault | None) -> web.StreamResponse:
         """Send a reply, streaming file bodies and applying body faults."""
         body = reply.body
         if reply.status != 200:
