@@ -67,9 +67,7 @@ async def _wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
 
 
 @pytest.fixture
-async def proxy_process(
-    tmp_path: Path, pypi: FakePyPI
-) -> AsyncIterator[tuple[str, Path, Starter]]:
+async def proxy_process(tmp_path: Path, pypi: FakePyPI) -> AsyncIterator[tuple[str, Path, Starter]]:
     """(url, data dir, start) for a proxy run as ``python -m proxy serve`` in a subprocess."""
     port = _free_port()
     data_dir = tmp_path / "data"
@@ -80,7 +78,14 @@ async def proxy_process(
 
     async def start() -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "--config", str(config), "--log-level", "WARNING",
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(config),
+            "--log-level",
+            "WARNING",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
