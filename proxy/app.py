@@ -30,13 +30,18 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.errors import NotFound, error_middleware
 from proxy.formats import FORMATS
+from proxy.model import RepoRef
 from proxy.pipeline.documents import DocumentCache
+from proxy.pipeline.fetch import Fetcher
+from proxy.pipeline.publish import Publisher
+from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
 from proxy.pipeline.services import Pipeline
 from proxy.server.assets import AssetSender
 from proxy.server.middleware import request_id_middleware
 from proxy.server.routing import path_safety_middleware
 from proxy.server.system import SystemRoutes
+from proxy.storage.catalog import Catalog
 from proxy.storage.hot import HotCache
 from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
@@ -62,12 +67,24 @@ def build_app(config: Config) -> web.Application:
     clients = {name: UpstreamClient(up) for name, up in config.upstreams.items()}
     flights = FlightGroup()
     documents = DocumentCache(index, config.server)
-    resolver = Resolver(config, index, hot, blobs, staging, documents, clients, flights)
+    catalog = Catalog(index)
+    registry = RepositoryRegistry(catalog, config.upstreams)
+    fetcher = Fetcher(config.server, blobs, staging)
+    resolver = Resolver(config, registry, index, catalog, hot, blobs, fetcher, documents, clients, flights)
+    publisher = Publisher(resolver, catalog, blobs, staging, fetcher, config.server.max_upload_size)
     # Cache hits stream by os.sendfile from these threads; they mostly wait in poll(), so many
     # are cheap, and their number bounds concurrent large sendfile transfers.
     sendfile_pool = ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="sendfile")
     sender = AssetSender(blobs, sendfile_pool)
-    pipeline = Pipeline(config=config, resolver=resolver, hot=hot, blobs=blobs, sender=sender)
+    pipeline = Pipeline(
+        config=config,
+        resolver=resolver,
+        publisher=publisher,
+        registry=registry,
+        hot=hot,
+        blobs=blobs,
+        sender=sender,
+    )
 
     app = web.Application(
         middlewares=[request_id_middleware, error_middleware, path_safety_middleware],
@@ -91,9 +108,7 @@ def build_app(config: Config) -> web.Application:
         fmt = request.match_info.get("format", "")
         repo = request.match_info.get("repo", "")
         if domain and repo:
-            from proxy.model import RepoRef
-
-            resolver.repository(RepoRef(domain, repo))  # 404 naming the domain or repository
+            registry.repository(RepoRef(domain, repo))  # 404 naming the domain or repository
         if fmt and fmt not in known:
             raise NotFound(
                 f"unknown format {fmt!r} (served: {', '.join(sorted(known))})",
@@ -109,6 +124,7 @@ def build_app(config: Config) -> web.Application:
         if removed:
             log.info("removed %d leftover temp files from an earlier run", removed)
         await index.open()
+        await registry.seed(config)
         for client in clients.values():
             await client.start()
         toucher = asyncio.create_task(_touch_periodically(resolver), name="touch assets")

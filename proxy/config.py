@@ -102,6 +102,7 @@ class ServerConfig:
     max_staleness: float = 0.0
     max_metadata_size: int = 64 * 2**20
     max_asset_size: int = 20 * 2**30
+    max_upload_size: int = 2**30
     asset_timeout: float = 3600.0
     hot_cache_entries: int = 4096
     shutdown_timeout: float = 30.0
@@ -139,6 +140,7 @@ class RepositoryConfig:
     name: str
     upstreams: tuple[str, ...] = ()
     description: str = ""
+    min_release_age: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +282,34 @@ def _visit(
     state[node] = 2
 
 
+def validate_domain(domain: DomainConfig, connections: Mapping[str, object]) -> None:
+    """Check a domain's repositories: unique names, known upstreams, no cycles.
+
+    Used for the config file at startup and for every change made through the admin API.
+    """
+    name = domain.name
+    repo_names = {r.name for r in domain.repositories}
+    if len(repo_names) != len(domain.repositories):
+        raise ConfigError(f"domains.{name}.repositories: a repository name is used twice")
+    for repo in domain.repositories:
+        if repo.name in connections:
+            raise ConfigError(
+                f"domains.{name}.{repo.name}: a repository cannot share its name with a connection "
+                "under [upstreams] (upstream lists would be ambiguous)"
+            )
+        for upstream in repo.upstreams:
+            if upstream == repo.name:
+                raise ConfigError(
+                    f"domains.{name}.{repo.name}.upstreams: a repository cannot be its own upstream"
+                )
+            if upstream not in repo_names and upstream not in connections:
+                raise ConfigError(
+                    f"domains.{name}.{repo.name}.upstreams: {upstream!r} is neither a repository of "
+                    "this domain nor a connection under [upstreams]"
+                )
+    check_upstream_graph(Config(domains=(domain,)))
+
+
 def _table(raw: Mapping[str, Any], key: str, prefix: str = "") -> Mapping[str, Any]:
     value = raw.get(key, {})
     if not isinstance(value, dict):
@@ -318,7 +348,7 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         "asset_timeout",
         "shutdown_timeout",
     }
-    sizes = {"max_metadata_size", "max_asset_size"}
+    sizes = {"max_metadata_size", "max_asset_size", "max_upload_size"}
     plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries"}
     _only_keys(raw, p, durations | sizes | plain)
     listen = overrides.listen or _get(raw, "listen", p, str, f"{d.host}:{d.port}")
@@ -426,32 +456,15 @@ def _parse_domain(index: int, raw: object, upstreams: Mapping[str, UpstreamConfi
         raise ConfigError(f"{p}.name: expected a name matching [a-z][a-z0-9-]{{1,49}}, got {name!r}")
     repos_raw = _get(raw, "repositories", p, list, [])
     repos = tuple(_parse_repository(f"domains.{name}.repositories[{i}]", r) for i, r in enumerate(repos_raw))
-    repo_names = {r.name for r in repos}
-    if len(repo_names) != len(repos):
-        raise ConfigError(f"domains.{name}.repositories: a repository name is used twice")
-    for repo in repos:
-        if repo.name in upstreams:
-            raise ConfigError(
-                f"domains.{name}.{repo.name}: a repository cannot share its name with a connection "
-                "under [upstreams] (upstream lists would be ambiguous)"
-            )
-        for upstream in repo.upstreams:
-            if upstream == repo.name:
-                raise ConfigError(
-                    f"domains.{name}.{repo.name}.upstreams: a repository cannot be its own upstream"
-                )
-            if upstream not in repo_names and upstream not in upstreams:
-                raise ConfigError(
-                    f"domains.{name}.{repo.name}.upstreams: {upstream!r} is neither a repository of "
-                    "this domain nor a connection under [upstreams]"
-                )
-    return DomainConfig(name=name, repositories=repos)
+    domain = DomainConfig(name=name, repositories=repos)
+    validate_domain(domain, upstreams)
+    return domain
 
 
 def _parse_repository(p: str, raw: object) -> RepositoryConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a table")
-    _only_keys(raw, p, {"name", "upstreams", "description"})
+    _only_keys(raw, p, {"name", "upstreams", "description", "min_release_age"})
     name = _get(raw, "name", p, str, None)
     if name is None or not NAME_RE.match(name):
         raise ConfigError(f"{p}.name: expected a name matching [a-z][a-z0-9-]{{1,49}}, got {name!r}")

@@ -8,7 +8,8 @@
     ├── PayloadTooLarge              413 payload_too_large
     ├── Unauthorized                 401 unauthorized
     ├── Forbidden                    403 forbidden
-    ├── BlockedByOrigin              403 blocked_by_origin
+    ├── BlockedByOrigin              404 blocked_by_origin  hidden by origin rule / quarantine / age
+    ├── PublishBlocked               403 publish_blocked    an origin rule blocks publishing
     ├── Offline                      503 offline         offline mode and never cached
     ├── UpstreamUnavailable          502 upstream_unavailable  refused, 5xx, circuit open, bad bytes
     │   └── UpstreamTimeout          504 upstream_timeout
@@ -88,8 +89,15 @@ class Forbidden(ProxyError):
 
 
 class BlockedByOrigin(ProxyError):
-    status = 403
+    """A version hidden by origin controls, quarantine or release age: a 404 that says why."""
+
+    status = 404
     code = "blocked_by_origin"
+
+
+class PublishBlocked(ProxyError):
+    status = 403
+    code = "publish_blocked"
 
 
 class Offline(ProxyError):

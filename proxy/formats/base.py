@@ -9,17 +9,18 @@ touch SQL or files.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
 
-from proxy.model import ListedFile, Listing
+from proxy.model import AssetRecord, ListedFile, Listing
 from proxy.pipeline.documents import DocumentRequest
 
 if TYPE_CHECKING:
+    from proxy.pipeline.publish import Publisher, Upload
     from proxy.pipeline.services import Pipeline
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,6 +62,29 @@ class FormatAdapter(ABC):
     def content_type(self, filename: str) -> str:
         """The media type an asset is served with."""
         return "application/octet-stream"
+
+    def hosted_file(
+        self, record: AssetRecord, attributes: Mapping[str, Any], *, hidden: bool, upload_time: str
+    ) -> ListedFile:
+        """A published file as a listing entry (its bytes are already in the blob store)."""
+        return ListedFile(
+            filename=record.filename,
+            url="",
+            source="",
+            hashes={"sha256": record.digest.hex},
+            version=record.version,
+            size=record.size,
+            hidden=hidden or self.is_companion(record.filename),
+            extra={"upload_time": upload_time},
+        )
+
+    def is_companion(self, filename: str) -> bool:
+        """Whether a file only accompanies another (and so is never listed on its own)."""
+        return False
+
+    async def read_upload(self, request: web.Request, publisher: Publisher) -> Upload:
+        """Parse and validate a publish request, staging its file; 400/413 on bad input."""
+        raise NotImplementedError
 
     def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
         """Companion files extracted from a cached asset: (filename, bytes, content type).

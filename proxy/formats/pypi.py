@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
@@ -24,7 +25,8 @@ from aiohttp import hdrs, web
 from proxy.errors import BadRequest, NotAcceptable
 from proxy.formats import pypi_simple as simple
 from proxy.formats.base import FormatAdapter, RouteSpec
-from proxy.model import ListedFile, Listing
+from proxy.formats.pypi_upload import read_upload
+from proxy.model import AssetRecord, ListedFile, Listing
 from proxy.pipeline.documents import DocumentRequest
 from proxy.server.routing import base_url, repo_ref
 from proxy.storage.hot import RenderedPage
@@ -44,6 +46,8 @@ class PyPIAdapter(FormatAdapter):
             RouteSpec("GET", "/simple/{project}/", self.project_page),
             RouteSpec("GET", "/simple/{project}", self.add_slash),
             RouteSpec("GET", "/files/{project}/{filename}", self.file),
+            RouteSpec("POST", "/", self.upload),
+            RouteSpec("POST", "", self.upload),
         )
 
     def normalize(self, package: str) -> str:
@@ -69,6 +73,26 @@ class PyPIAdapter(FormatAdapter):
         if filename.endswith(".metadata"):
             return "text/plain; charset=utf-8"
         return "application/octet-stream"
+
+    def is_companion(self, filename: str) -> bool:
+        return filename.endswith(".metadata")
+
+    def hosted_file(
+        self, record: AssetRecord, attributes: Mapping[str, Any], *, hidden: bool, upload_time: str
+    ) -> ListedFile:
+        extra: dict[str, Any] = {"yanked": False, "upload_time": upload_time}
+        if attributes.get("requires_python"):
+            extra["requires_python"] = attributes["requires_python"]
+        return ListedFile(
+            filename=record.filename,
+            url="",
+            source="",
+            hashes={"sha256": record.digest.hex},
+            version=record.version,
+            size=record.size,
+            hidden=hidden or self.is_companion(record.filename),
+            extra=extra,
+        )
 
     def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
         """PEP 658 metadata from a cached wheel whose upstream declared none."""
@@ -167,6 +191,24 @@ class PyPIAdapter(FormatAdapter):
             raise BadRequest(f"{filename!r} is not a valid distribution filename")
         handle = await self.pipeline.resolver.asset(ref, self, package, filename)
         return await self.pipeline.sender.asset(request, handle)
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        """twine's legacy upload: 201 on success, 409 if the file exists (``--skip-existing``)."""
+        ref = repo_ref(request)
+        self.pipeline.resolver.repository(ref)
+        publisher = self.pipeline.publisher
+        upload = await read_upload(request, publisher, ref)
+        record = await publisher.publish(ref, self, upload)
+        return web.json_response(
+            {
+                "package": record.package,
+                "version": record.version,
+                "filename": record.filename,
+                "sha256": record.digest.hex,
+                "size": record.size,
+            },
+            status=201,
+        )
 
     def _negotiate(self, request: web.Request) -> str:
         # A literal '+' in a query string decodes to a space; media types never contain spaces.

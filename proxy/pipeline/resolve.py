@@ -1,11 +1,12 @@
 """The resolver: walk a repository and its upstream chain for a listing or an asset.
 
-Listing: every upstream in order (sibling repositories recursively, external connections through
-the document cache), merged with the nearest source winning for the same filename.
-Asset: an index hit in the repository or along its chain of repositories (copied into the asked
-repository so a later outage of the chain does not lose it); else the file is located in the
-listing and fetched once through the flight group, verified against the declared hash, committed,
-and recorded for the repository that was asked.
+Listing: the repository's own published versions first, then every upstream in order (sibling
+repositories recursively, external connections through the document cache), filtered by the
+repository's origin controls (pipeline/origin.py) and merged with the nearest source winning for
+the same filename. Asset: an index hit in the repository or along its chain of repositories
+(copied into the asked repository so a later outage of the chain does not lose it); else the
+file is located in the listing and fetched once through the flight group (pipeline/fetch.py),
+verified, committed, and recorded for the repository that was asked.
 """
 
 from __future__ import annotations
@@ -15,25 +16,21 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from proxy.config import Config, RepositoryConfig
-from proxy.errors import (
-    NotFound,
-    Offline,
-    ProxyError,
-    UpstreamCorrupt,
-    UpstreamUnavailable,
-)
+from proxy.errors import BlockedByOrigin, NotFound, Offline, ProxyError
 from proxy.model import AssetRecord, CacheStatus, Digest, ListedFile, Listing, RepoRef
 from proxy.pipeline.documents import DocumentCache
+from proxy.pipeline.fetch import Fetcher
+from proxy.pipeline.origin import PackagePolicy, matching_rule
+from proxy.pipeline.registry import RepositoryRegistry
 from proxy.storage.blobs import BlobInfo
+from proxy.storage.catalog import Catalog
 from proxy.storage.hot import HotCache
 from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
-from proxy.storage.staging import StagingArea, StagingError
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.flight import Flight, FlightGroup
 
@@ -44,6 +41,7 @@ log = logging.getLogger("proxy.resolve")
 
 # How soon a merged listing is looked at again when part of it is stale or failed.
 RETRY_SOON = 5.0
+HOSTED = ""  # the ``source`` of a listed file published in a repository of the chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +52,7 @@ class ResolvedListing:
     status: CacheStatus
     expires_at: float
     warnings: tuple[str, ...] = ()
+    blocked: Mapping[str, str] = field(default_factory=dict)  # filename -> why it is hidden
 
 
 @dataclass(slots=True)
@@ -73,6 +72,16 @@ class _Collected:
     expiries: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[ProxyError] = field(default_factory=list)
+    blocked: dict[str, str] = field(default_factory=dict)
+
+    def absorb(self, other: _Collected) -> None:
+        self.listings += other.listings
+        self.statuses += other.statuses
+        self.expiries += other.expiries
+        self.warnings += other.warnings
+        self.errors += other.errors
+        for name, why in other.blocked.items():
+            self.blocked.setdefault(name, why)
 
 
 class Resolver:
@@ -81,40 +90,36 @@ class Resolver:
     def __init__(
         self,
         config: Config,
+        registry: RepositoryRegistry,
         index: Index,
+        catalog: Catalog,
         hot: HotCache,
         blobs: LocalBlobStore,
-        staging: StagingArea,
+        fetcher: Fetcher,
         documents: DocumentCache,
         clients: Mapping[str, UpstreamClient],
         flights: FlightGroup,
     ) -> None:
         self.config = config
+        self.registry = registry
         self._index = index
+        self._catalog = catalog
         self._hot = hot
         self._blobs = blobs
-        self._staging = staging
+        self._fetcher = fetcher
         self._documents = documents
         self._clients = clients
         self._flights = flights
         self._touched: set[tuple[RepoRef, str, str, str]] = set()
+        self._policies: dict[tuple[RepoRef, str, str], PackagePolicy] = {}
 
     # --- repositories -------------------------------------------------------------------------
 
     def repository(self, ref: RepoRef) -> RepositoryConfig:
-        domain = self.config.domain(ref.domain)
-        if domain is None:
-            raise NotFound(f"domain {ref.domain!r} does not exist", detail={"domain": ref.domain})
-        repo = domain.repository(ref.repository)
-        if repo is None:
-            raise NotFound(
-                f"repository {ref.repository!r} does not exist in domain {ref.domain!r}",
-                detail={"domain": ref.domain, "repository": ref.repository},
-            )
-        return repo
+        return self.registry.repository(ref)
 
     def _upstream_repos(self, ref: RepoRef) -> list[RepoRef]:
-        domain = self.config.domain(ref.domain)
+        domain = self.registry.domain(ref.domain)
         assert domain is not None
         return [
             RepoRef(ref.domain, name)
@@ -122,14 +127,51 @@ class Resolver:
             if domain.repository(name) is not None
         ]
 
+    # --- origin controls ----------------------------------------------------------------------
+
+    async def policy(self, ref: RepoRef, fmt: str, package: str) -> PackagePolicy:
+        """What decides the package's visibility here; cached until a catalog change."""
+        key = (ref, fmt, package)
+        found = self._policies.get(key)
+        if found is not None:
+            return found
+        rules = await self._catalog.origin_rules(ref, fmt)
+        versions = await self._catalog.versions(ref, fmt, package)
+        policy = PackagePolicy(
+            rule=matching_rule(package, rules),
+            has_hosted=any(v.status != "Disposed" for v in versions),
+            quarantine=tuple(await self._catalog.quarantine(ref, fmt)),
+            min_release_age=self.repository(ref).min_release_age,
+            statuses={v.version: v.status for v in versions},
+            attributes={v.version: v.attributes for v in versions},
+        )
+        if len(self._policies) > 10_000:
+            self._policies.clear()
+        self._policies[key] = policy
+        return policy
+
+    def catalog_changed(self, domain: str, fmt: str, package: str | None = None) -> None:
+        """Forget derived state after a publish, status change, rule or quarantine change."""
+        self._policies.clear()
+        if package is not None:
+            self._hot.invalidate_package((domain, fmt, package))
+        else:
+            self._hot.clear_pages()
+
     # --- listings -----------------------------------------------------------------------------
 
     async def listing(self, ref: RepoRef, adapter: FormatAdapter, package: str) -> ResolvedListing:
         collected = await self._collect(ref, adapter, package)
         now = time.time()
-        if not collected.listings:
+        if not any(lst.files for lst in collected.listings):
             if collected.errors:
                 raise collected.errors[0]
+            if collected.blocked:
+                reason = next(iter(collected.blocked.values()))
+                raise BlockedByOrigin(
+                    f"every version of {package!r} is hidden in {ref.domain}/{ref.repository}: {reason}",
+                    detail={"package": package},
+                )
             raise NotFound(
                 f"package {package!r} was not found in {ref.domain}/{ref.repository} or its upstreams",
                 detail={"package": package, "repository": ref.repository},
@@ -146,31 +188,77 @@ class Resolver:
             status=status,
             expires_at=expires,
             warnings=tuple(warnings),
+            blocked=collected.blocked,
         )
 
     async def _collect(self, ref: RepoRef, adapter: FormatAdapter, package: str) -> _Collected:
         repo = self.repository(ref)
-        domain = self.config.domain(ref.domain)
+        domain = self.registry.domain(ref.domain)
         assert domain is not None
+        policy = await self.policy(ref, adapter.name, package)
+        out = _Collected()
+        hosted = await self._hosted(ref, adapter, package, policy)
+        if hosted.files:
+            out.listings.append(hosted)
+            out.statuses.append(CacheStatus.HIT)
+        block = policy.upstream_block_reason()
         jobs = []
         for name in repo.upstreams:
             if domain.repository(name) is not None:
                 jobs.append(self._collect(RepoRef(ref.domain, name), adapter, package))
             else:
                 jobs.append(self._external(self._clients[name], adapter, package))
-        out = _Collected()
+        now = time.time()
         for part in await asyncio.gather(*jobs, return_exceptions=True):
             if isinstance(part, ProxyError):
-                out.errors.append(part)
-            elif isinstance(part, BaseException):
+                if block is None:
+                    out.errors.append(part)
+                continue
+            if isinstance(part, BaseException):
                 raise part
-            else:
-                out.listings += part.listings
-                out.statuses += part.statuses
-                out.expiries += part.expiries
-                out.warnings += part.warnings
-                out.errors += part.errors
+            upstream_part = _Collected(
+                statuses=part.statuses, expiries=part.expiries, warnings=part.warnings, errors=part.errors
+            )
+            upstream_part.blocked.update(part.blocked)
+            for listing in part.listings:
+                kept = []
+                for entry in listing.files:
+                    why = block or policy.quarantine_reason(package, entry.version)
+                    why = why or policy.age_reason(entry.extra.get("upload_time"), now)
+                    if why is None:
+                        kept.append(entry)
+                    else:
+                        upstream_part.blocked.setdefault(entry.filename, why)
+                upstream_part.listings.append(replace(listing, files=tuple(kept)))
+            if block is not None:
+                upstream_part.errors = []
+            out.absorb(upstream_part)
         return out
+
+    async def _hosted(
+        self, ref: RepoRef, adapter: FormatAdapter, package: str, policy: PackagePolicy
+    ) -> Listing:
+        """The repository's own published files (Unlisted ones hidden, Archived ones left out)."""
+        if not policy.statuses:
+            return Listing(package=package)
+        files = []
+        for rec in await self._index.package_assets(ref, adapter.name, package):
+            if not rec.hosted or rec.version is None:
+                continue
+            status = policy.statuses.get(rec.version)
+            if status in (None, "Archived", "Disposed"):
+                continue
+            attrs = policy.attributes.get(rec.version, {})
+            files.append(
+                adapter.hosted_file(
+                    rec,
+                    attrs,
+                    hidden=status == "Unlisted",
+                    upload_time=datetime.fromtimestamp(rec.fetched_at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                )
+            )
+        versions = tuple(v for v, st in policy.statuses.items() if st in ("Published",))
+        return Listing(package=package, files=tuple(files), versions=versions)
 
     async def _external(self, client: UpstreamClient, adapter: FormatAdapter, package: str) -> _Collected:
         req = adapter.document_request(client.config.url, package)
@@ -226,17 +314,28 @@ class Resolver:
 
     async def asset(self, ref: RepoRef, adapter: FormatAdapter, package: str, filename: str) -> AssetHandle:
         self.repository(ref)
-        record = await self._stored(ref, adapter.name, package, filename)
+        fmt = adapter.name
+        policy = await self.policy(ref, fmt, package)
+        record = await self._stored(ref, fmt, package, filename)
         if record is not None:
-            self._touched.add((ref, adapter.name, package, filename))
+            self._check_visible(ref, package, record, policy)
+            self._touched.add((ref, fmt, package, filename))
             return AssetHandle(CacheStatus.HIT, record=record)
         resolved = await self.listing(ref, adapter, package)
         entry = resolved.listing.file(filename)
         if entry is None:
+            if filename in resolved.blocked:
+                raise BlockedByOrigin(
+                    f"{filename} is not served by {ref.domain}/{ref.repository}: "
+                    f"{resolved.blocked[filename]}",
+                    detail={"package": package, "filename": filename},
+                )
             raise NotFound(
                 f"{filename} is not a file of {package!r} in {ref.domain}/{ref.repository}",
                 detail={"package": package, "filename": filename},
             )
+        if entry.source == HOSTED:
+            raise NotFound(f"{filename} is listed but its file is gone", detail={"filename": filename})
         if self.config.server.offline:
             raise Offline(f"offline mode: {filename} was never cached, so it cannot be served")
         if entry.sha256:
@@ -248,14 +347,14 @@ class Resolver:
         client = self._clients[entry.source]
 
         async def fetch(flight: Flight) -> BlobInfo:
-            return await self._fetch(client, adapter, entry, flight)
+            return await self._fetcher.fetch(client, adapter, entry, flight)
 
         async def on_commit(info: BlobInfo) -> None:
             rows = [self._record(ref, adapter, package, entry, info)]
             rows += [
                 AssetRecord(
                     repo=ref,
-                    format=adapter.name,
+                    format=fmt,
                     package=package,
                     filename=name,
                     digest=d.digest,
@@ -265,13 +364,30 @@ class Resolver:
                     upstream=client.name,
                     fetched_at=time.time(),
                 )
-                for name, d, ctype in derived
+                for name, d, ctype in flight.derived
             ]
             await self._commit_rows(rows)
 
         flight = self._flights.join((client.name, entry.url), fetch, on_commit)
-        derived = flight.derived
         return AssetHandle(CacheStatus.MISS, flight=flight, entry=entry)
+
+    def _check_visible(self, ref: RepoRef, package: str, record: AssetRecord, policy: PackagePolicy) -> None:
+        """A stored file is served only while the repository's rules still show its version."""
+        where = f"{ref.domain}/{ref.repository}"
+        if record.hosted:
+            status = policy.statuses.get(record.version or "")
+            if status == "Archived":
+                raise NotFound(
+                    f"{package} {record.version} is archived in {where} and cannot be installed",
+                    detail={"package": package, "version": record.version, "status": status},
+                )
+            return
+        why = policy.upstream_block_reason() or policy.quarantine_reason(package, record.version)
+        if why is not None:
+            raise BlockedByOrigin(
+                f"{record.filename} is not served by {where}: {why}",
+                detail={"package": package, "filename": record.filename},
+            )
 
     async def _stored(self, ref: RepoRef, fmt: str, package: str, filename: str) -> AssetRecord | None:
         key = (ref, fmt, package, filename)
@@ -285,7 +401,7 @@ class Resolver:
         for up in self._upstream_repos(ref):
             found = await self._stored(up, fmt, package, filename)
             if found is not None:
-                copy = replace(found, repo=ref)
+                copy = replace(found, repo=ref, hosted=False)
                 await self._commit_rows([copy])
                 return copy
         return None
@@ -321,82 +437,11 @@ class Resolver:
             self._hot.forget_asset((row.repo, row.format, row.package, row.filename))
             self._hot.invalidate_package((row.repo.domain, row.format, row.package))
 
-    async def _fetch(
-        self, client: UpstreamClient, adapter: FormatAdapter, entry: ListedFile, flight: Flight
-    ) -> BlobInfo:
-        server = self.config.server
-        try:
-            async with asyncio.timeout(server.asset_timeout):
-                info = await self._download(client, adapter, entry, flight)
-        except StagingError as exc:
-            log.error("upstream %s sent bad bytes for %s: %s", client.name, entry.url, exc)
-            raise UpstreamCorrupt(
-                f"upstream {client.name} sent bad bytes for {entry.filename}: {exc}",
-                detail={"upstream": client.name},
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamUnavailable(
-                f"upstream {client.name} broke off the transfer of {entry.filename}",
-                detail={"upstream": client.name},
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(
-                f"upstream {client.name} failed while sending {entry.filename}: {exc}",
-                detail={"upstream": client.name},
-            ) from exc
-        except TimeoutError as exc:
-            raise UpstreamUnavailable(
-                f"upstream {client.name} took too long to send {entry.filename}",
-                detail={"upstream": client.name},
-            ) from exc
-        flight.derived.extend(await self._derive(adapter, entry, info))
-        return info
-
-    async def _download(
-        self, client: UpstreamClient, adapter: FormatAdapter, entry: ListedFile, flight: Flight
-    ) -> BlobInfo:
-        limit = self.config.server.max_asset_size
-        async with client.get(entry.url, headers={"Accept-Encoding": "identity"}, total_timeout=None) as resp:
-            if resp.status != 200:
-                raise UpstreamUnavailable(
-                    f"upstream {client.name} answered {resp.status} for {entry.filename}",
-                    detail={"upstream": client.name, "upstream_status": resp.status},
-                )
-            size = resp.content_length
-            if size is not None and entry.size is not None and size != entry.size:
-                raise UpstreamCorrupt(
-                    f"upstream {client.name} sends {size} bytes for {entry.filename}, "
-                    f"its index declares {entry.size}",
-                    detail={"upstream": client.name},
-                )
-            expect_size = size if size is not None else entry.size
-            if expect_size is not None and expect_size > limit:
-                raise UpstreamUnavailable(f"{entry.filename} is larger than max_asset_size ({limit})")
-            writer = self._staging.create(entry.hashes, expect_size=expect_size, max_size=limit)
-            async with writer:
-                await flight.attach(writer, adapter.content_type(entry.filename), expect_size)
-                async for chunk in resp.content.iter_any():
-                    await writer.write(chunk)
-                staged = await writer.finish()
-        return await self._blobs.put(staged)
-
-    async def _derive(
-        self, adapter: FormatAdapter, entry: ListedFile, info: BlobInfo
-    ) -> list[tuple[str, BlobInfo, str]]:
-        path = self._blobs.local_path(info.digest)
-        try:
-            companions = await asyncio.to_thread(adapter.derive, entry, path)
-        except Exception:
-            log.exception("could not derive companions of %s", entry.filename)
-            return []
-        out = []
-        for name, data, ctype in companions:
-            writer = self._staging.create(max_size=len(data))
-            async with writer:
-                await writer.write(data)
-                staged = await writer.finish()
-            out.append((name, await self._blobs.put(staged), ctype))
-        return out
+    def published(self, records: list[AssetRecord]) -> None:
+        """Forget what a publish made stale: asset lookups, rendered pages, policies."""
+        for rec in records:
+            self._hot.forget_asset((rec.repo, rec.format, rec.package, rec.filename))
+            self.catalog_changed(rec.repo.domain, rec.format, rec.package)
 
     async def flush_touches(self) -> None:
         """Write the batched last-access times (called periodically, not per request)."""

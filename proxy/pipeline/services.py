@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.config import Config
+from proxy.pipeline.publish import Publisher
+from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
 from proxy.server.assets import AssetSender
 from proxy.storage.hot import HotCache
@@ -17,6 +19,8 @@ class Pipeline:
 
     config: Config
     resolver: Resolver
+    publisher: Publisher
+    registry: RepositoryRegistry
     hot: HotCache
     blobs: LocalBlobStore
     sender: AssetSender

@@ -85,6 +85,9 @@ class HotCache:
     def invalidate_package(self, package: PackageKey) -> None:
         self._pages.pop(package, None)
 
+    def clear_pages(self) -> None:
+        self._pages.clear()
+
     def stats(self) -> dict[str, Any]:
         return {
             "assets": len(self._assets),

@@ -23,6 +23,27 @@ _ASSET_COLUMNS = (
     "domain, repository, format, package, filename, version, digest, size, content_type, "
     "origin_url, upstream, hosted, fetched_at, last_accessed"
 )
+ASSET_INSERT = f"INSERT INTO assets ({_ASSET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
+
+def asset_params(rec: AssetRecord, now: float) -> tuple[object, ...]:
+    """The values of :data:`ASSET_INSERT` for one record."""
+    return (
+        rec.repo.domain,
+        rec.repo.repository,
+        rec.format,
+        rec.package,
+        rec.filename,
+        rec.version,
+        rec.digest.hex,
+        rec.size,
+        rec.content_type,
+        rec.origin_url,
+        rec.upstream,
+        int(rec.hosted),
+        rec.fetched_at or now,
+        now,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +81,15 @@ class Index:
         # One connection is shared by every coroutine: writes take turns, so one coroutine's
         # transaction never swallows (or rolls back) another's statements.
         self._write_lock = asyncio.Lock()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The shared connection, for the other query modules of ``storage/`` (catalog.py)."""
+        return self._db
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """A write transaction (BEGIN IMMEDIATE … COMMIT), one at a time across the app."""
+        return self._transaction()
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
@@ -155,25 +185,7 @@ class Index:
                     if existing.digest != rec.digest:
                         conflicts.append(existing)
                     continue
-                await self._db.execute(
-                    f"INSERT INTO assets ({_ASSET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        rec.repo.domain,
-                        rec.repo.repository,
-                        rec.format,
-                        rec.package,
-                        rec.filename,
-                        rec.version,
-                        rec.digest.hex,
-                        rec.size,
-                        rec.content_type,
-                        rec.origin_url,
-                        rec.upstream,
-                        int(rec.hosted),
-                        rec.fetched_at or now,
-                        now,
-                    ),
-                )
+                await self._db.execute(ASSET_INSERT, asset_params(rec, now))
         return conflicts
 
     async def delete_asset(self, repo: RepoRef, fmt: str, package: str, filename: str) -> bool:

@@ -1,0 +1,124 @@
+"""Publishing: an upload becomes a blob, then asset rows and a version row in one transaction.
+
+The adapter streams the uploaded file into staging (checking the client's declared digests and
+the size limit while it streams) and checks that the name and version in the URL, the form and
+the archive agree. This module then applies the origin controls, commits the blob, and records
+the files; a published file is immutable, so a second upload of the same filename is a 409, and
+of concurrent uploads of one file exactly one is acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from proxy.errors import Conflict, PublishBlocked
+from proxy.model import AssetRecord, RepoRef
+from proxy.pipeline.fetch import Fetcher
+from proxy.pipeline.resolve import Resolver
+from proxy.storage.catalog import Catalog, VersionRow
+from proxy.storage.local import LocalBlobStore
+from proxy.storage.staging import StagedBlob, StagingArea
+
+if TYPE_CHECKING:
+    from proxy.formats.base import FormatAdapter
+
+log = logging.getLogger("proxy.publish")
+
+
+@dataclass(slots=True)
+class Upload:
+    """A validated upload: its identity, the staged file and the metadata to record."""
+
+    package: str
+    version: str
+    filename: str
+    staged: StagedBlob
+    content_type: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    companions: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+
+class Publisher:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        catalog: Catalog,
+        blobs: LocalBlobStore,
+        staging: StagingArea,
+        fetcher: Fetcher,
+        max_upload_size: int,
+    ) -> None:
+        self._resolver = resolver
+        self._catalog = catalog
+        self._blobs = blobs
+        self.staging = staging
+        self._fetcher = fetcher
+        self.max_upload_size = max_upload_size
+
+    async def check_allowed(self, ref: RepoRef, fmt: str, package: str) -> None:
+        """Refuse early (before the body is read) when the repository may not take the package."""
+        self._resolver.repository(ref)
+        policy = await self._resolver.policy(ref, fmt, package)
+        why = policy.publish_block_reason()
+        if why is not None:
+            raise PublishBlocked(
+                f"{package} cannot be published to {ref.domain}/{ref.repository}: {why}",
+                detail={"package": package},
+            )
+
+    async def publish(self, ref: RepoRef, adapter: FormatAdapter, upload: Upload) -> AssetRecord:
+        """Commit the staged file and record it; 409 if the filename exists in the repository."""
+        await self.check_allowed(ref, adapter.name, upload.package)
+        info = await self._blobs.put(upload.staged)
+        now = time.time()
+        main = AssetRecord(
+            repo=ref,
+            format=adapter.name,
+            package=upload.package,
+            filename=upload.filename,
+            digest=info.digest,
+            size=info.size,
+            content_type=upload.content_type,
+            version=upload.version,
+            hosted=True,
+            fetched_at=now,
+        )
+        records = [main]
+        for name, data, ctype in upload.companions:
+            blob = await self._fetcher.store_bytes(data)
+            records.append(
+                AssetRecord(
+                    repo=ref,
+                    format=adapter.name,
+                    package=upload.package,
+                    filename=name,
+                    digest=blob.digest,
+                    size=blob.size,
+                    content_type=ctype,
+                    version=upload.version,
+                    hosted=True,
+                    fetched_at=now,
+                )
+            )
+        version = VersionRow(
+            repo=ref,
+            format=adapter.name,
+            package=upload.package,
+            version=upload.version,
+            status="Published",
+            attributes=upload.attributes,
+        )
+        if not await self._catalog.publish(version, records):
+            raise Conflict(
+                f"{upload.filename} already exists in {ref.domain}/{ref.repository}; "
+                "published files are immutable",
+                detail={"package": upload.package, "filename": upload.filename},
+            )
+        self._resolver.published(records)
+        log.info("published %s %s to %s/%s", upload.package, upload.filename, ref.domain, ref.repository)
+        return main

@@ -1,0 +1,285 @@
+"""The catalog tables of the index: domains, repositories, versions, origin rules, quarantine.
+
+Shares the index's connection and its one-writer-at-a-time transactions (storage/index.py); a
+publish writes its asset rows and its version row in one transaction, so either all of a
+publish is visible or none of it is, and of concurrent publishes of one file exactly one wins.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.model import AssetRecord, RepoRef
+from proxy.storage.index import ASSET_INSERT, Index, asset_params
+
+VERSION_STATUSES = ("Published", "Unlisted", "Archived", "Disposed")
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryRow:
+    domain: str
+    name: str
+    description: str
+    upstreams: tuple[str, ...]
+    min_release_age: float
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRow:
+    repo: RepoRef
+    format: str
+    package: str
+    version: str
+    status: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OriginRule:
+    pattern: str  # an exact (normalized) name, or a prefix ending in "*"
+    publish: str  # ALLOW | BLOCK
+    upstream: str  # ALLOW | BLOCK
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    pattern: str  # "name@version", either part may use * wildcards
+    reason: str
+
+
+class Catalog:
+    """Typed queries over the catalog tables."""
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+
+    # --- domains and repositories -------------------------------------------------------------
+
+    async def domains(self) -> list[str]:
+        async with self._index.db.execute("SELECT name FROM domains ORDER BY name") as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    async def repositories(self) -> list[RepositoryRow]:
+        sql = (
+            "SELECT domain, name, description, upstreams, min_release_age, created_at "
+            "FROM repositories ORDER BY domain, name"
+        )
+        async with self._index.db.execute(sql) as cur:
+            rows = await cur.fetchall()
+        return [
+            RepositoryRow(
+                domain=str(r[0]),
+                name=str(r[1]),
+                description=str(r[2]),
+                upstreams=tuple(json.loads(str(r[3]))),
+                min_release_age=float(r[4]),
+                created_at=float(r[5]),
+            )
+            for r in rows
+        ]
+
+    async def put_domain(self, name: str) -> bool:
+        """Create a domain; False if it existed."""
+        async with self._index.transaction():
+            cur = await self._index.db.execute(
+                "INSERT OR IGNORE INTO domains (name, created_at) VALUES (?, ?)", (name, time.time())
+            )
+            return cur.rowcount > 0
+
+    async def delete_domain(self, name: str) -> bool:
+        async with self._index.transaction():
+            await self._index.db.execute("DELETE FROM repositories WHERE domain=?", (name,))
+            cur = await self._index.db.execute("DELETE FROM domains WHERE name=?", (name,))
+            return cur.rowcount > 0
+
+    async def put_repository(self, row: RepositoryRow, *, replace: bool) -> bool:
+        """Insert a repository (or, with ``replace``, overwrite its settings); False if it existed."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        async with self._index.transaction():
+            cur = await self._index.db.execute(
+                f"{verb} INTO repositories (domain, name, description, upstreams, min_release_age, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    row.domain,
+                    row.name,
+                    row.description,
+                    json.dumps(list(row.upstreams)),
+                    row.min_release_age,
+                    row.created_at or time.time(),
+                ),
+            )
+            return cur.rowcount > 0
+
+    async def delete_repository(self, ref: RepoRef) -> bool:
+        """Remove a repository and its rows (blobs stay until garbage collection)."""
+        async with self._index.transaction():
+            args = (ref.domain, ref.repository)
+            for table in ("assets", "versions", "origin_rules", "quarantine"):
+                await self._index.db.execute(f"DELETE FROM {table} WHERE domain=? AND repository=?", args)
+            cur = await self._index.db.execute("DELETE FROM repositories WHERE domain=? AND name=?", args)
+            return cur.rowcount > 0
+
+    # --- versions -----------------------------------------------------------------------------
+
+    async def publish(self, version: VersionRow, assets: Iterable[AssetRecord]) -> bool:
+        """Record a published file and its version in one transaction.
+
+        False (and nothing written) when any of the files already exists in the repository: a
+        published file is immutable, and of concurrent publishes exactly one gets True.
+        """
+        now = time.time()
+        records = list(assets)
+        db = self._index.db
+        async with self._index.transaction():
+            for rec in records:
+                sql = (
+                    "SELECT 1 FROM assets WHERE domain=? AND repository=? AND format=? AND package=? "
+                    "AND filename=?"
+                )
+                args = (rec.repo.domain, rec.repo.repository, rec.format, rec.package, rec.filename)
+                async with db.execute(sql, args) as cur:
+                    if await cur.fetchone() is not None:
+                        return False
+            for rec in records:
+                await db.execute(ASSET_INSERT, asset_params(rec, now))
+            await db.execute(
+                "INSERT INTO versions (domain, repository, format, package, version, status, "
+                "attributes, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT DO UPDATE SET updated_at=excluded.updated_at, "
+                "attributes=json_patch(versions.attributes, excluded.attributes)",
+                (
+                    version.repo.domain,
+                    version.repo.repository,
+                    version.format,
+                    version.package,
+                    version.version,
+                    version.status,
+                    json.dumps(version.attributes),
+                    now,
+                    now,
+                ),
+            )
+        return True
+
+    async def versions(self, repo: RepoRef, fmt: str, package: str | None = None) -> list[VersionRow]:
+        sql = (
+            "SELECT package, version, status, attributes, created_at, updated_at FROM versions "
+            "WHERE domain=? AND repository=? AND format=?"
+        )
+        args: tuple[Any, ...] = (repo.domain, repo.repository, fmt)
+        if package is not None:
+            sql += " AND package=?"
+            args += (package,)
+        async with self._index.db.execute(sql + " ORDER BY package, created_at", args) as cur:
+            rows = await cur.fetchall()
+        return [
+            VersionRow(
+                repo=repo,
+                format=fmt,
+                package=str(r[0]),
+                version=str(r[1]),
+                status=str(r[2]),
+                attributes=json.loads(str(r[3])),
+                created_at=float(r[4]),
+                updated_at=float(r[5]),
+            )
+            for r in rows
+        ]
+
+    async def packages(self, repo: RepoRef, fmt: str | None = None) -> list[tuple[str, str]]:
+        """(format, package) pairs with versions in this repository."""
+        sql = "SELECT DISTINCT format, package FROM versions WHERE domain=? AND repository=?"
+        args: tuple[Any, ...] = (repo.domain, repo.repository)
+        if fmt is not None:
+            sql += " AND format=?"
+            args += (fmt,)
+        async with self._index.db.execute(sql + " ORDER BY format, package", args) as cur:
+            return [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+
+    async def set_status(self, repo: RepoRef, fmt: str, package: str, version: str, status: str) -> bool:
+        async with self._index.transaction():
+            cur = await self._index.db.execute(
+                "UPDATE versions SET status=?, updated_at=? WHERE domain=? AND repository=? "
+                "AND format=? AND package=? AND version=?",
+                (status, time.time(), repo.domain, repo.repository, fmt, package, version),
+            )
+            return cur.rowcount > 0
+
+    async def dispose(self, repo: RepoRef, fmt: str, package: str, version: str, *, forget: bool) -> bool:
+        """Drop a version's asset rows; keep the version as Disposed, or remove it (``forget``)."""
+        args = (repo.domain, repo.repository, fmt, package, version)
+        async with self._index.transaction():
+            await self._index.db.execute(
+                "DELETE FROM assets WHERE domain=? AND repository=? AND format=? AND package=? AND version=?",
+                args,
+            )
+            if forget:
+                sql = (
+                    "DELETE FROM versions WHERE domain=? AND repository=? AND format=? AND package=? "
+                    "AND version=?"
+                )
+                cur = await self._index.db.execute(sql, args)
+            else:
+                cur = await self._index.db.execute(
+                    "UPDATE versions SET status='Disposed', updated_at=? WHERE domain=? AND "
+                    "repository=? AND format=? AND package=? AND version=?",
+                    (time.time(), *args),
+                )
+            return cur.rowcount > 0
+
+    # --- origin controls and quarantine -------------------------------------------------------
+
+    async def origin_rules(self, repo: RepoRef, fmt: str) -> list[OriginRule]:
+        sql = (
+            "SELECT pattern, publish, upstream FROM origin_rules WHERE domain=? AND repository=? "
+            "AND format=? ORDER BY pattern"
+        )
+        async with self._index.db.execute(sql, (repo.domain, repo.repository, fmt)) as cur:
+            return [OriginRule(str(r[0]), str(r[1]), str(r[2])) for r in await cur.fetchall()]
+
+    async def put_origin_rule(self, repo: RepoRef, fmt: str, rule: OriginRule) -> None:
+        async with self._index.transaction():
+            await self._index.db.execute(
+                "INSERT OR REPLACE INTO origin_rules (domain, repository, format, pattern, publish, "
+                "upstream) VALUES (?,?,?,?,?,?)",
+                (repo.domain, repo.repository, fmt, rule.pattern, rule.publish, rule.upstream),
+            )
+
+    async def delete_origin_rule(self, repo: RepoRef, fmt: str, pattern: str) -> bool:
+        async with self._index.transaction():
+            cur = await self._index.db.execute(
+                "DELETE FROM origin_rules WHERE domain=? AND repository=? AND format=? AND pattern=?",
+                (repo.domain, repo.repository, fmt, pattern),
+            )
+            return cur.rowcount > 0
+
+    async def quarantine(self, repo: RepoRef, fmt: str) -> list[QuarantineEntry]:
+        sql = (
+            "SELECT pattern, reason FROM quarantine WHERE domain=? AND repository=? AND format=? "
+            "ORDER BY pattern"
+        )
+        async with self._index.db.execute(sql, (repo.domain, repo.repository, fmt)) as cur:
+            return [QuarantineEntry(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+
+    async def put_quarantine(self, repo: RepoRef, fmt: str, entry: QuarantineEntry) -> None:
+        async with self._index.transaction():
+            await self._index.db.execute(
+                "INSERT OR REPLACE INTO quarantine (domain, repository, format, pattern, reason, "
+                "created_at) VALUES (?,?,?,?,?,?)",
+                (repo.domain, repo.repository, fmt, entry.pattern, entry.reason, time.time()),
+            )
+
+    async def delete_quarantine(self, repo: RepoRef, fmt: str, pattern: str) -> bool:
+        async with self._index.transaction():
+            cur = await self._index.db.execute(
+                "DELETE FROM quarantine WHERE domain=? AND repository=? AND format=? AND pattern=?",
+                (repo.domain, repo.repository, fmt, pattern),
+            )
+            return cur.rowcount > 0
