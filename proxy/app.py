@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +34,7 @@ from proxy.formats import FORMATS
 from proxy.model import RepoRef
 from proxy.pipeline.documents import DocumentCache
 from proxy.pipeline.fetch import Fetcher
+from proxy.pipeline.packages import PackageService
 from proxy.pipeline.publish import Publisher
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
@@ -54,6 +56,7 @@ log = logging.getLogger("proxy.app")
 PIPELINE = web.AppKey("pipeline", Pipeline)
 FLIGHTS = web.AppKey("flights", FlightGroup)
 TOUCH_INTERVAL = 30.0
+WATCH_INTERVAL = 2.0
 SENDFILE_THREADS = 128
 
 
@@ -81,6 +84,7 @@ def build_app(config: Config) -> web.Application:
         resolver=resolver,
         publisher=publisher,
         registry=registry,
+        packages=PackageService(resolver, catalog, index),
         hot=hot,
         blobs=blobs,
         sender=sender,
@@ -127,7 +131,7 @@ def build_app(config: Config) -> web.Application:
         await registry.seed(config)
         for client in clients.values():
             await client.start()
-        toucher = asyncio.create_task(_touch_periodically(resolver), name="touch assets")
+        toucher = asyncio.create_task(_housekeeping(index, registry, resolver), name="housekeeping")
         log.info(
             "ready: data in %s, %d upstream(s), offline=%s",
             data_dir,
@@ -158,10 +162,21 @@ def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, data_dir: object)
     return staging.prepare()
 
 
-async def _touch_periodically(resolver: Resolver) -> None:
+async def _housekeeping(index: Index, registry: RepositoryRegistry, resolver: Resolver) -> None:
+    """Every few seconds: notice changes the CLI made to the index; now and then, access times."""
+    version = await index.data_version()
+    last_touch = time.monotonic()
     while True:
-        await asyncio.sleep(TOUCH_INTERVAL)
+        await asyncio.sleep(WATCH_INTERVAL)
         try:
-            await resolver.flush_touches()
+            current = await index.data_version()
+            if current != version:
+                version = current
+                await registry.reload()
+                resolver.index_changed_elsewhere()
+                log.info("the index was changed by another process; reloaded repositories")
+            if time.monotonic() - last_touch >= TOUCH_INTERVAL:
+                last_touch = time.monotonic()
+                await resolver.flush_touches()
         except Exception:
-            log.exception("could not record asset access times")
+            log.exception("housekeeping failed; retrying")

@@ -437,6 +437,14 @@ class Resolver:
             self._hot.forget_asset((row.repo, row.format, row.package, row.filename))
             self._hot.invalidate_package((row.repo.domain, row.format, row.package))
 
+    def forget_package_assets(self, ref: RepoRef, fmt: str, package: str) -> None:
+        self._hot.forget_package_assets(ref, fmt, package)
+
+    def index_changed_elsewhere(self) -> None:
+        """Another process (the CLI) wrote the index: drop every derived in-memory view."""
+        self._policies.clear()
+        self._hot.clear()
+
     def published(self, records: list[AssetRecord]) -> None:
         """Forget what a publish made stale: asset lookups, rendered pages, policies."""
         for rec in records:

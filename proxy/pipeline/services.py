@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.config import Config
+from proxy.pipeline.packages import PackageService
 from proxy.pipeline.publish import Publisher
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
@@ -21,6 +22,7 @@ class Pipeline:
     resolver: Resolver
     publisher: Publisher
     registry: RepositoryRegistry
+    packages: PackageService
     hot: HotCache
     blobs: LocalBlobStore
     sender: AssetSender

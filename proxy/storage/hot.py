@@ -53,6 +53,16 @@ class HotCache:
     def forget_asset(self, key: AssetKey) -> None:
         self._assets.pop(key, None)
 
+    def forget_package_assets(self, repo: RepoRef, fmt: str, package: str) -> None:
+        for key in [k for k in self._assets if k[:3] == (repo, fmt, package)]:
+            self._assets.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget everything (another process changed the index)."""
+        self._assets.clear()
+        self._listings.clear()
+        self._pages.clear()
+
     # parsed listings, keyed by the identity of the document they were parsed from
     def listing(self, key: Hashable) -> Listing | None:
         return self._listings.get(key)

@@ -136,6 +136,12 @@ class Index:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def data_version(self) -> int:
+        """Changes whenever another connection (another process) commits to the database."""
+        async with self._db.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def ping(self) -> None:
         """A trivial query, for readiness checks."""
         async with self._db.execute("SELECT 1") as cur:
