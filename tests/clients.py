@@ -9,11 +9,14 @@ comes through the proxy.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from uv import find_uv_bin
 
 
@@ -28,7 +31,7 @@ class ClientRun:
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_", "TWINE_"))}
     env["PIP_CONFIG_FILE"] = os.devnull
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env["PIP_NO_INPUT"] = "1"
@@ -110,3 +113,45 @@ async def installed(target: Path) -> set[str]:
         return {p.name.split("-")[0].lower() for p in target.glob("*.dist-info")}
 
     return await asyncio.to_thread(scan)
+
+
+async def twine_upload(repository_url: str, *files: Path, skip_existing: bool = False) -> ClientRun:
+    """``twine upload`` to the proxy (credentials are placeholders until tokens exist)."""
+    flags = ["--skip-existing"] if skip_existing else []
+    return await _run(
+        sys.executable,
+        "-m",
+        "twine",
+        "upload",
+        "--repository-url",
+        repository_url,
+        "-u",
+        "ci",
+        "-p",
+        "placeholder",
+        "--non-interactive",
+        "--disable-progress-bar",
+        *flags,
+        *(str(f) for f in files),
+    )
+
+
+def upload_form(path: Path, data: bytes, *, name: str, version: str, **extra: str) -> Any:
+    """The multipart form twine sends (fields first, then the file), for tests that bend it."""
+    form = aiohttp.FormData()
+    fields = {
+        ":action": "file_upload",
+        "protocol_version": "1",
+        "name": name,
+        "version": version,
+        "filetype": "bdist_wheel" if path.name.endswith(".whl") else "sdist",
+        "pyversion": "py3" if path.name.endswith(".whl") else "source",
+        "metadata_version": "2.1",
+        "sha256_digest": hashlib.sha256(data).hexdigest(),
+        **extra,
+    }
+    for key, value in fields.items():
+        if value != "":
+            form.add_field(key, value)
+    form.add_field("content", data, filename=path.name, content_type="application/octet-stream")
+    return form

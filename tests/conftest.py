@@ -20,9 +20,10 @@ import pytest
 from aiohttp import web
 from blockbuster import BlockBuster, blockbuster_ctx
 
-from proxy.app import build_app
+from proxy.app import PIPELINE, build_app
 from proxy.config import Config, Overrides, parse_config
 from proxy.observability import AccessLogger
+from proxy.pipeline.services import Pipeline
 from tests.fakes.dists import build_sdist, build_wheel
 from tests.fakes.pypi import FakePyPI
 
@@ -82,6 +83,14 @@ class RunningProxy:
     @property
     def data_dir(self) -> Path:
         return self.config.server.data_dir
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The app's services, for tests that arrange state the API would (rules, statuses)."""
+        return self.runner.app[PIPELINE]
+
+    def upload_url(self, repo: str = "public") -> str:
+        return f"{self.url}/default/pypi/{repo}/"
 
     def simple(self, repo: str = "public", domain: str = "default") -> str:
         return f"{self.url}/{domain}/pypi/{repo}/simple/"
