@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import select
+import socket
 from concurrent.futures import Executor
 from typing import IO, Any
 
@@ -62,9 +63,16 @@ class BlobFileResponse(web.FileResponse):
                 break
             await asyncio.sleep(0.001)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._executor, _sendfile_blocking, sock.fileno(), fobj.fileno(), offset, count
-        )
+        cork = getattr(socket, "TCP_CORK", None)
+        if cork is not None:  # full segments while the file streams (nginx's tcp_nopush)
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+        try:
+            await loop.run_in_executor(
+                self._executor, _sendfile_blocking, sock.fileno(), fobj.fileno(), offset, count
+            )
+        finally:
+            if cork is not None and not transport.is_closing():
+                sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
         await web.StreamResponse.write_eof(self)
         return writer
 
