@@ -12,7 +12,7 @@ import pytest
 from proxy.config import RepositoryConfig
 from proxy.model import RepoRef
 from proxy.storage.catalog import OriginRule, QuarantineEntry
-from tests.clients import installed, pip_install, twine_upload, upload_form
+from tests.clients import installed, pip_install, twine_upload, upload_form, uv_install
 from tests.conftest import Dists, ProxyFactory, RunningProxy, blob_files, index_rows, temp_files
 from tests.fakes.dists import build_sdist, build_wheel
 from tests.fakes.pypi import FakePyPI
@@ -59,6 +59,9 @@ async def test_twine_publishes_and_pip_installs_from_the_repo_and_downstream(
     downstream = await pip_install(proxy.simple("team"), tmp_path / "down", "internal-tool")
     assert downstream.ok, downstream.output
     assert "internal_tool" in await installed(tmp_path / "down")
+    with_uv = await uv_install(proxy.simple("team"), tmp_path / "uv", "internal-tool")
+    assert with_uv.ok, with_uv.output
+    assert await installed(tmp_path / "uv") >= {"internal_tool", "beta"}
 
     again = await twine_upload(proxy.upload_url("public"), wheel)
     assert not again.ok
@@ -176,6 +179,8 @@ async def test_quarantine_hides_even_cached_versions(
     assert body["error"] == "blocked_by_origin" and "known malicious" in body["message"]
     async with http.get(proxy.simple() + "beta/", headers=JSON) as resp:
         assert resp.status == 404
+    async with http.get(proxy.files("beta", dists.beta.name, repo="team")) as resp:
+        assert resp.status == 404  # nor through a repository downstream of it
     await proxy.pipeline.packages.delete_quarantine(PUBLIC, "pypi", "beta@1.0")
     async with http.get(url) as resp:
         assert resp.status == 200

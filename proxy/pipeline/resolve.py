@@ -400,10 +400,15 @@ class Resolver:
             return record
         for up in self._upstream_repos(ref):
             found = await self._stored(up, fmt, package, filename)
-            if found is not None:
-                copy = replace(found, repo=ref, hosted=False)
-                await self._commit_rows([copy])
-                return copy
+            if found is None:
+                continue
+            try:  # what the upstream repository itself would not serve is not taken from it
+                self._check_visible(up, package, found, await self.policy(up, fmt, package))
+            except ProxyError:
+                continue
+            copy = replace(found, repo=ref, hosted=False)
+            await self._commit_rows([copy])
+            return copy
         return None
 
     def _record(
