@@ -27,7 +27,7 @@ from proxy.pipeline.fetch import Fetcher
 from proxy.pipeline.origin import PackagePolicy, matching_rule
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.storage.blobs import BlobInfo
-from proxy.storage.catalog import Catalog
+from proxy.storage.catalog import Catalog, QuarantineEntry
 from proxy.storage.hot import HotCache
 from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
@@ -140,7 +140,7 @@ class Resolver:
         policy = PackagePolicy(
             rule=matching_rule(package, rules),
             has_hosted=any(v.status != "Disposed" for v in versions),
-            quarantine=tuple(await self._catalog.quarantine(ref, fmt)),
+            quarantine=await self._quarantine(ref, fmt),
             min_release_age=self.repository(ref).min_release_age,
             statuses={v.version: v.status for v in versions},
             attributes={v.version: v.attributes for v in versions},
@@ -149,6 +149,14 @@ class Resolver:
             self._policies.clear()
         self._policies[key] = policy
         return policy
+
+    async def _quarantine(self, ref: RepoRef, fmt: str) -> tuple[QuarantineEntry, ...]:
+        """This repository's quarantine and that of every repository it draws from: a release
+        quarantined upstream is not served downstream either, even from a copy kept earlier."""
+        entries: list[QuarantineEntry] = []
+        for repo in [ref, *self._chain_repos(ref)]:
+            entries += await self._catalog.quarantine(repo, fmt)
+        return tuple(entries)
 
     def catalog_changed(self, domain: str, fmt: str, package: str | None = None) -> None:
         """Forget derived state after a publish, status change, rule or quarantine change."""
