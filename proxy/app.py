@@ -24,7 +24,8 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -39,6 +40,7 @@ from proxy.pipeline.publish import Publisher
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
 from proxy.pipeline.services import Pipeline
+from proxy.server.admin import AdminRoutes
 from proxy.server.assets import AssetSender
 from proxy.server.middleware import request_id_middleware
 from proxy.server.routing import path_safety_middleware
@@ -60,35 +62,60 @@ WATCH_INTERVAL = 2.0
 SENDFILE_THREADS = 128
 
 
-def build_app(config: Config) -> web.Application:
-    """Construct every service for ``config`` and wire them into an aiohttp application."""
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything ``build_services`` constructs: the pipeline and the resources it stands on."""
+
+    pipeline: Pipeline
+    index: Index
+    blobs: LocalBlobStore
+    staging: StagingArea
+    flights: FlightGroup
+    documents: DocumentCache
+    clients: dict[str, UpstreamClient]
+
+
+def build_services(
+    config: Config, *, upstreams: bool = True, sendfile_pool: Executor | None = None
+) -> Services:
+    """Construct the services for ``config`` (the CLI uses them without HTTP or upstreams)."""
     data_dir = config.server.data_dir
     index = Index(data_dir / "index.sqlite3")
     blobs = LocalBlobStore(data_dir / "blobs")
     staging = StagingArea(data_dir / "tmp")
     hot = HotCache(config.server.hot_cache_entries)
-    clients = {name: UpstreamClient(up) for name, up in config.upstreams.items()}
+    clients = {name: UpstreamClient(up) for name, up in config.upstreams.items()} if upstreams else {}
     flights = FlightGroup()
     documents = DocumentCache(index, config.server)
     catalog = Catalog(index)
     registry = RepositoryRegistry(catalog, config.upstreams)
     fetcher = Fetcher(config.server, blobs, staging)
     resolver = Resolver(config, registry, index, catalog, hot, blobs, fetcher, documents, clients, flights)
-    publisher = Publisher(resolver, catalog, blobs, staging, fetcher, config.server.max_upload_size)
-    # Cache hits stream by os.sendfile from these threads; they mostly wait in poll(), so many
-    # are cheap, and their number bounds concurrent large sendfile transfers.
-    sendfile_pool = ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="sendfile")
-    sender = AssetSender(blobs, sendfile_pool)
+    registry.on_change(resolver.index_changed_elsewhere)
     pipeline = Pipeline(
         config=config,
         resolver=resolver,
-        publisher=publisher,
+        publisher=Publisher(resolver, catalog, blobs, staging, fetcher, config.server.max_upload_size),
         registry=registry,
         packages=PackageService(resolver, catalog, index),
         hot=hot,
         blobs=blobs,
-        sender=sender,
+        sender=AssetSender(blobs, sendfile_pool),
     )
+    return Services(pipeline, index, blobs, staging, flights, documents, clients)
+
+
+def build_app(config: Config) -> web.Application:
+    """Construct every service for ``config`` and wire them into an aiohttp application."""
+    data_dir = config.server.data_dir
+    # Cache hits stream by os.sendfile from these threads; they mostly wait in poll(), so many
+    # are cheap, and their number bounds concurrent large sendfile transfers.
+    sendfile_pool = ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="sendfile")
+    services = build_services(config, sendfile_pool=sendfile_pool)
+    pipeline = services.pipeline
+    index, blobs, staging = services.index, services.blobs, services.staging
+    flights, documents, clients = services.flights, services.documents, services.clients
+    registry, resolver = pipeline.registry, pipeline.resolver
 
     app = web.Application(
         middlewares=[request_id_middleware, error_middleware, path_safety_middleware],
@@ -97,6 +124,7 @@ def build_app(config: Config) -> web.Application:
     app[FLIGHTS] = flights
 
     SystemRoutes(index, data_dir).register(app.router)
+    AdminRoutes(pipeline).register(app.router)
     known = {cls.name for cls in FORMATS}
     for cls in FORMATS:
         adapter = cls(pipeline)

@@ -3,6 +3,7 @@
 Every subcommand takes ``--config`` and ``--data-dir`` after its name, so scripts and containers
 can use the same options everywhere. Flags win over ``ARTIFACT_PROXY_*`` variables, which win
 over the file.
+The administration commands live in cli_admin.py.
 """
 
 from __future__ import annotations
@@ -13,19 +14,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from aiohttp import web
 
 from proxy import __version__
+from proxy.cli_admin import add_admin_parsers, administer, common_options
 from proxy.config import Config, ConfigError, Overrides, load_config
 
 log = logging.getLogger("proxy.cli")
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML config file (default: embedded default)")
-    parser.add_argument("--data-dir", type=Path, help="data directory (index, blobs, tmp)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
-    _common(serve)
+    common_options(serve)
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8080)")
     serve.add_argument("--offline", action="store_true", default=None, help="never contact upstreams")
     serve.add_argument("--log-level", default=os.environ.get("ARTIFACT_PROXY_LOG_LEVEL", "INFO"))
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
-    _common(check)
+    common_options(check)
+    add_admin_parsers(sub)
     return parser
 
 
@@ -89,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(config, args.log_level)
+    if getattr(args, "run", None) is not None:
+        return administer(config, args)
     if args.command == "check-config":
         print(f"listen {config.server.host}:{config.server.port}, data in {config.server.data_dir}")
         for name, up in config.upstreams.items():

@@ -292,6 +292,8 @@ def validate_domain(domain: DomainConfig, connections: Mapping[str, object]) -> 
     if len(repo_names) != len(domain.repositories):
         raise ConfigError(f"domains.{name}.repositories: a repository name is used twice")
     for repo in domain.repositories:
+        if len(set(repo.upstreams)) != len(repo.upstreams):
+            raise ConfigError(f"domains.{name}.{repo.name}.upstreams: a name is listed twice")
         if repo.name in connections:
             raise ConfigError(
                 f"domains.{name}.{repo.name}: a repository cannot share its name with a connection "
@@ -473,4 +475,10 @@ def _parse_repository(p: str, raw: object) -> RepositoryConfig:
         raise ConfigError(f"{p}.upstreams: expected a list of names")
     if len(set(ups)) != len(ups):
         raise ConfigError(f"{p}.upstreams: a name is listed twice")
-    return RepositoryConfig(name=name, upstreams=tuple(ups), description=_get(raw, "description", p, str, ""))
+    age = parse_duration(raw["min_release_age"], f"{p}.min_release_age") if "min_release_age" in raw else 0.0
+    return RepositoryConfig(
+        name=name,
+        upstreams=tuple(ups),
+        description=_get(raw, "description", p, str, ""),
+        min_release_age=age,
+    )

@@ -40,10 +40,8 @@ class PackageService:
         found: dict[tuple[str, str], dict[str, Any]] = {}
         for f, package in await self._catalog.packages(ref, fmt):
             found[(f, package)] = {"format": f, "package": package, "origin": "published"}
-        formats = [fmt] if fmt else ["pypi"]
-        for f in formats:
-            for package in await self._index.list_packages(ref, f):
-                found.setdefault((f, package), {"format": f, "package": package, "origin": "cached"})
+        for f, package in await self._index.stored_packages(ref, fmt):
+            found.setdefault((f, package), {"format": f, "package": package, "origin": "cached"})
         return [found[k] for k in sorted(found)]
 
     async def describe(self, ref: RepoRef, fmt: str, package: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ snapshot, rebuilt after every change, so the request path never waits on SQLite 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from proxy.config import NAME_RE, Config, ConfigError, DomainConfig, RepositoryConfig, validate_domain
 from proxy.errors import BadRequest, Conflict, NotFound
@@ -24,6 +24,11 @@ class RepositoryRegistry:
         self._catalog = catalog
         self._connections = connections
         self._domains: dict[str, DomainConfig] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every change of repositories (caches derived from them)."""
+        self._listeners.append(listener)
 
     async def seed(self, config: Config) -> None:
         """Write the config's domains and repositories into the index, then load everything."""
@@ -41,17 +46,12 @@ class RepositoryRegistry:
     async def reload(self) -> None:
         domains: dict[str, list[RepositoryConfig]] = {name: [] for name in await self._catalog.domains()}
         for row in await self._catalog.repositories():
-            domains.setdefault(row.domain, []).append(
-                RepositoryConfig(
-                    name=row.name,
-                    upstreams=row.upstreams,
-                    description=row.description,
-                    min_release_age=row.min_release_age,
-                )
-            )
+            domains.setdefault(row.domain, []).append(_config(row))
         self._domains = {
             name: DomainConfig(name=name, repositories=tuple(repos)) for name, repos in domains.items()
         }
+        for listener in self._listeners:
+            listener()
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -110,18 +110,23 @@ class RepositoryRegistry:
             raise NotFound(f"domain {domain!r} does not exist", detail={"domain": domain})
         if not NAME_RE.match(repo.name):
             raise BadRequest(f"invalid repository name {repo.name!r}: expected [a-z][a-z0-9-]{{1,49}}")
-        exists = current.repository(repo.name) is not None
-        if exists and not replace:
-            raise Conflict(
-                f"repository {repo.name!r} already exists in domain {domain!r}",
-                detail={"domain": domain, "repository": repo.name},
-            )
-        others = tuple(r for r in current.repositories if r.name != repo.name)
-        try:
-            validate_domain(DomainConfig(domain, (*others, repo)), self._connections)
-        except ConfigError as exc:
-            raise BadRequest(str(exc)) from exc
-        await self._catalog.put_repository(_row(domain, repo), replace=True)
+        connections = self._connections
+
+        def check(stored: list[RepositoryRow]) -> None:
+            # Runs inside the write transaction on what the index holds now, so two changes
+            # racing (from two processes, say) cannot together close a cycle.
+            if not replace and any(r.name == repo.name for r in stored):
+                raise Conflict(
+                    f"repository {repo.name!r} already exists in domain {domain!r}",
+                    detail={"domain": domain, "repository": repo.name},
+                )
+            others = tuple(_config(r) for r in stored if r.name != repo.name)
+            try:
+                validate_domain(DomainConfig(domain, (*others, repo)), connections)
+            except ConfigError as exc:
+                raise BadRequest(str(exc)) from exc
+
+        await self._catalog.put_repository_checked(_row(domain, repo), check)
         await self.reload()
         return repo
 
@@ -135,6 +140,15 @@ class RepositoryRegistry:
             )
         await self._catalog.delete_repository(ref)
         await self.reload()
+
+
+def _config(row: RepositoryRow) -> RepositoryConfig:
+    return RepositoryConfig(
+        name=row.name,
+        upstreams=row.upstreams,
+        description=row.description,
+        min_release_age=row.min_release_age,
+    )
 
 
 def _row(domain: str, repo: RepositoryConfig) -> RepositoryRow:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,22 +100,38 @@ class Catalog:
             return cur.rowcount > 0
 
     async def put_repository(self, row: RepositoryRow, *, replace: bool) -> bool:
-        """Insert a repository (or, with ``replace``, overwrite its settings); False if it existed."""
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        """Insert a repository (or, with ``replace``, update its settings); False if it existed."""
         async with self._index.transaction():
-            cur = await self._index.db.execute(
-                f"{verb} INTO repositories (domain, name, description, upstreams, min_release_age, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    row.domain,
-                    row.name,
-                    row.description,
-                    json.dumps(list(row.upstreams)),
-                    row.min_release_age,
-                    row.created_at or time.time(),
-                ),
-            )
-            return cur.rowcount > 0
+            return await self._write_repository(row, replace=replace)
+
+    async def put_repository_checked(
+        self, row: RepositoryRow, check: Callable[[list[RepositoryRow]], None]
+    ) -> None:
+        """Write a repository after ``check`` accepted the domain's repositories as stored now."""
+        async with self._index.transaction():
+            check([r for r in await self.repositories() if r.domain == row.domain])
+            await self._write_repository(row, replace=True)
+
+    async def _write_repository(self, row: RepositoryRow, *, replace: bool) -> bool:
+        conflict = (
+            "DO UPDATE SET description=excluded.description, upstreams=excluded.upstreams, "
+            "min_release_age=excluded.min_release_age"
+            if replace
+            else "DO NOTHING"
+        )
+        cur = await self._index.db.execute(
+            "INSERT INTO repositories (domain, name, description, upstreams, min_release_age, "
+            f"created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (domain, name) {conflict}",
+            (
+                row.domain,
+                row.name,
+                row.description,
+                json.dumps(list(row.upstreams)),
+                row.min_release_age,
+                row.created_at or time.time(),
+            ),
+        )
+        return cur.rowcount > 0
 
     async def delete_repository(self, ref: RepoRef) -> bool:
         """Remove a repository and its rows (blobs stay until garbage collection)."""

@@ -176,6 +176,16 @@ class Index:
             rows = await cur.fetchall()
         return [str(r[0]) for r in rows]
 
+    async def stored_packages(self, repo: RepoRef, fmt: str | None = None) -> list[tuple[str, str]]:
+        """(format, package) pairs with files in the repository, of every format or one."""
+        sql = "SELECT DISTINCT format, package FROM assets WHERE domain=? AND repository=?"
+        args: tuple[str, ...] = (repo.domain, repo.repository)
+        if fmt is not None:
+            sql += " AND format=?"
+            args += (fmt,)
+        async with self._db.execute(sql + " ORDER BY format, package", args) as cur:
+            return [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+
     async def add_assets(self, records: Iterable[AssetRecord]) -> list[AssetRecord]:
         """Insert rows that do not exist yet, in one transaction.
 
