@@ -65,6 +65,8 @@ def serve(config: Config, log_level: str) -> int:
     asyncio.set_event_loop(loop)
     for name, upstream in config.upstreams.items():
         log.info("upstream %s (%s): %s", name, upstream.format, upstream.url)
+    for note in config.notes:
+        log.warning("%s", note)
     web.run_app(
         build_app(config),
         host=config.server.host,

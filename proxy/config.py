@@ -18,11 +18,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.upstream.discovery import PIP_INDEX_URL, DiscoveryError, pip_index_url
+from proxy.upstream.discovery import (
+    NPM_REGISTRY,
+    PIP_INDEX_URL,
+    DiscoveryError,
+    npm_registry_url,
+    pip_index_url,
+)
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,49}$")
 UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KNOWN_FORMATS = ("pypi",)
+KNOWN_FORMATS = ("pypi", "npm")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -42,6 +48,10 @@ _SIZE_UNITS = {
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the operator: it names the key and the reason."""
+
+
+class _Skipped(Exception):
+    """An ``optional`` connection whose registry could not be discovered on this machine."""
 
 
 def parse_duration(value: object, key: str) -> float:
@@ -165,6 +175,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     domains: tuple[DomainConfig, ...] = ()
+    notes: tuple[str, ...] = ()  # what the operator should hear at startup (left-out connections)
 
     def domain(self, name: str) -> DomainConfig | None:
         """The domain called ``name``, if configured."""
@@ -242,20 +253,43 @@ def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str,
     _only_keys(raw, "", {"server", "upstreams", "domains"})
     server = _parse_server(_table(raw, "server"), overrides)
     upstreams_raw = _table(raw, "upstreams")
-    upstreams = {
-        name: _parse_upstream(name, _table(upstreams_raw, name, prefix="upstreams"), server, env)
-        for name in upstreams_raw
-    }
+    upstreams: dict[str, UpstreamConfig] = {}
+    notes: list[str] = []
+    for name in upstreams_raw:
+        try:
+            upstreams[name] = _parse_upstream(
+                name, _table(upstreams_raw, name, prefix="upstreams"), server, env
+            )
+        except _Skipped as skipped:
+            notes.append(str(skipped))
     domains_raw = raw.get("domains", [])
     if not isinstance(domains_raw, list):
         raise ConfigError("domains: expected an array of tables ([[domains]])")
+    skipped_names = set(upstreams_raw) - set(upstreams)
+    if skipped_names:  # a left-out connection leaves the upstream lists that named it
+        domains_raw = _without_upstreams(domains_raw, skipped_names)
     domains = tuple(_parse_domain(i, d, upstreams) for i, d in enumerate(domains_raw))
     names = [d.name for d in domains]
     if len(names) != len(set(names)):
         raise ConfigError("domains: a domain name is used twice")
-    config = Config(server=server, upstreams=upstreams, domains=domains)
+    config = Config(server=server, upstreams=upstreams, domains=domains, notes=tuple(notes))
     check_upstream_graph(config)
     return config
+
+
+def _without_upstreams(domains_raw: list[Any], names: set[str]) -> list[Any]:
+    out = []
+    for domain in domains_raw:
+        if not isinstance(domain, dict) or not isinstance(domain.get("repositories"), list):
+            out.append(domain)
+            continue
+        repos = []
+        for repo in domain["repositories"]:
+            if isinstance(repo, dict) and isinstance(repo.get("upstreams"), list):
+                repo = {**repo, "upstreams": [u for u in repo["upstreams"] if u not in names]}
+            repos.append(repo)
+        out.append({**domain, "repositories": repos})
+    return out
 
 
 def check_upstream_graph(config: Config) -> None:
@@ -397,7 +431,8 @@ def _parse_upstream(
         "breaker_cooldown",
     }
     ints = {"retries", "max_connections", "breaker_threshold"}
-    _only_keys(raw, p, durations | ints | {"format", "url", "allow_hosts", "credentials"})
+    _only_keys(raw, p, durations | ints | {"format", "url", "allow_hosts", "credentials", "optional"})
+    optional = _get(raw, "optional", p, bool, False)
     fmt = _get(raw, "format", p, str, None)
     if fmt is None:
         raise ConfigError(f"{p}.format: required (one of {', '.join(KNOWN_FORMATS)})")
@@ -406,10 +441,13 @@ def _parse_upstream(
     url = _get(raw, "url", p, str, None)
     if url is None:
         raise ConfigError(f"{p}.url: required")
-    if url == PIP_INDEX_URL:
+    discover = {PIP_INDEX_URL: pip_index_url, NPM_REGISTRY: npm_registry_url}.get(url)
+    if discover is not None:
         try:
-            url = pip_index_url(env)
+            url = discover(env)
         except DiscoveryError as exc:
+            if optional:
+                raise _Skipped(f"{p}: left out: {exc}") from exc
             raise ConfigError(f"{p}.url: {exc}") from exc
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:

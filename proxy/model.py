@@ -111,11 +111,20 @@ class Listing:
                 seen.setdefault(entry.filename, entry)
             versions.update(dict.fromkeys(listing.versions))
         serials = [lst.serial for lst in listings if lst.serial is not None]
+        extra: dict[str, Any] = {}
+        for listing in listings:  # nearest wins; tables (such as npm's dist-tags) merge per key
+            for key, value in listing.extra.items():
+                if key not in extra:
+                    extra[key] = dict(value) if isinstance(value, Mapping) else value
+                elif isinstance(value, Mapping) and isinstance(extra[key], dict):
+                    for sub, item in value.items():
+                        extra[key].setdefault(sub, item)
         return Listing(
             package=package,
             files=tuple(seen.values()),
             versions=tuple(versions),
             serial=max(serials) if serials else None,
+            extra=extra,
         )
 
 

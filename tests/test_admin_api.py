@@ -227,8 +227,8 @@ async def test_unknown_names_are_json_404s(api: Api) -> None:
         "/domains/nope/repositories/team/packages",
     ):
         assert "does not exist" in await api.error("GET", path, 404)
-    assert "unknown format 'npm'" in await api.error("GET", f"{REPOS}/team/packages/npm/beta", 404)
-    assert "unknown format 'npm'" in await api.error("GET", f"{REPOS}/team/packages?format=npm", 404)
+    assert "unknown format 'cargo'" in await api.error("GET", f"{REPOS}/team/packages/cargo/beta", 404)
+    assert "unknown format 'cargo'" in await api.error("GET", f"{REPOS}/team/packages?format=cargo", 404)
     assert "no admin endpoint" in await api.error("GET", "/nothing/here", 404)
     assert "not a valid Python project name" in await api.error(
         "GET", f"{REPOS}/team/packages/pypi/-bad-", 400
@@ -295,7 +295,7 @@ async def test_origin_rules_are_set_listed_and_deleted(api: Api, proxy: RunningP
     bad = {"pattern": "a*b*", "publish": "ALLOW", "upstream": "ALLOW"}
     assert "pattern" in await api.error("PUT", f"{rules}/pypi", 400, bad)
     assert "'upstream'" in await api.error("PUT", f"{rules}/pypi", 400, {"pattern": "x", "publish": "ALLOW"})
-    assert "unknown format" in await api.error("PUT", f"{rules}/npm", 404, {**bad, "pattern": "x"})
+    assert "unknown format" in await api.error("PUT", f"{rules}/cargo", 404, {**bad, "pattern": "x"})
 
     assert "'pattern' is required" in await api.error("DELETE", f"{rules}/pypi", 400)
     assert (await api.call("DELETE", f"{rules}/pypi", params={"pattern": "beta"})) == (204, None)

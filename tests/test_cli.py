@@ -171,9 +171,9 @@ async def test_refusals_exit_1_with_the_reason(cli: Cli) -> None:
     assert run.code == 1
     assert "upstream of team" in run.err
 
-    run = await cli("package", "describe", *TEAM, "--format", "npm", "--package", "x")
+    run = await cli("package", "describe", *TEAM, "--format", "cargo", "--package", "x")
     assert run.code == 1
-    assert "unknown format 'npm'" in run.err
+    assert "unknown format 'cargo'" in run.err
 
 
 async def test_usage_and_configuration_errors_exit_2(cli: Cli, tmp_path: Path) -> None:

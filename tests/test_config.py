@@ -21,7 +21,8 @@ from proxy.config import (
 from proxy.upstream.discovery import PIP_INDEX_URL, pip_index_url
 
 MIRROR = "http://mirror.invalid/simple/"
-ENV = {"PIP_INDEX_URL": MIRROR}
+NPM_MIRROR = "http://npm-mirror.invalid/"
+ENV = {"PIP_INDEX_URL": MIRROR, "npm_config_registry": NPM_MIRROR}
 
 
 def document(
@@ -531,11 +532,20 @@ def test_embedded_default_config() -> None:
     domain = config.domain("default")
     assert domain is not None
     assert [r.name for r in domain.repositories] == ["public"]
-    [upstream] = config.upstreams.values()
-    assert upstream.url == MIRROR
+    assert config.upstreams["pypi"].url == MIRROR
+    assert config.upstreams["npm"].url == NPM_MIRROR
     public = domain.repository("public")
     assert public is not None
-    assert public.upstreams == (upstream.name,)
+    assert public.upstreams == ("pypi", "npm")
+
+
+def test_embedded_default_leaves_out_npm_where_npm_is_missing() -> None:
+    env = {"PIP_INDEX_URL": MIRROR, "PATH": "/nonexistent"}
+    config = load_config(Overrides(), env)
+    assert list(config.upstreams) == ["pypi"]
+    public = config.domains[0].repository("public")
+    assert public is not None and public.upstreams == ("pypi",)
+    assert any("upstreams.npm: left out" in note for note in config.notes)
 
 
 # --- files and the CLI ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The registry of package formats: adding one is a module plus one line in ``FORMATS``."""
 
 from proxy.formats.base import FormatAdapter
+from proxy.formats.npm import NpmAdapter
 from proxy.formats.pypi import PyPIAdapter
 
-FORMATS: tuple[type[FormatAdapter], ...] = (PyPIAdapter,)
+FORMATS: tuple[type[FormatAdapter], ...] = (PyPIAdapter, NpmAdapter)

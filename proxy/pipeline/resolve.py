@@ -214,7 +214,7 @@ class Resolver:
         for name in repo.upstreams:
             if domain.repository(name) is not None:
                 jobs.append(self._collect(RepoRef(ref.domain, name), adapter, package))
-            else:
+            elif self._clients[name].config.format == adapter.name:  # a connection serves one format
                 jobs.append(self._external(self._clients[name], adapter, package))
         now = time.time()
         for part in await asyncio.gather(*jobs, return_exceptions=True):

@@ -73,6 +73,8 @@ class BlobFileResponse(web.FileResponse):
         finally:
             if cork is not None and not transport.is_closing():
                 sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
+        if hasattr(writer, "buffer_size"):  # the access log's byte count (bypassed by sendfile)
+            writer.buffer_size += count
         await web.StreamResponse.write_eof(self)
         return writer
 

@@ -17,11 +17,17 @@ from proxy.errors import BadRequest, Handler, NotFound
 from proxy.model import RepoRef
 
 _BAD_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+_SCOPED_NAME = re.compile(
+    r"(/(?:@|%40)[a-z0-9~][a-z0-9._~-]*)%2f(?=[A-Za-z0-9~][A-Za-z0-9._~-]*(/|$))", re.IGNORECASE
+)
 
 
 def check_path(raw_path: str) -> None:
-    """Refuse traversal and smuggling in the raw (still percent-encoded) path."""
-    path = raw_path.split("?", 1)[0]
+    """Refuse traversal and smuggling in the raw (still percent-encoded) path.
+
+    The one encoded slash allowed is npm's scoped name, ``@scope%2fname``, as one segment.
+    """
+    path = _SCOPED_NAME.sub(r"\1", raw_path.split("?", 1)[0])
     if _BAD_ENCODED.search(path):
         raise BadRequest("encoded '/', '\\' or NUL is not allowed in a path")
     for segment in path.split("/"):

@@ -8,10 +8,13 @@ an existing corporate mirror without any extra configuration.
 from __future__ import annotations
 
 import importlib
+import shutil
+import subprocess
 from collections.abc import Mapping
 from typing import Any
 
 PIP_INDEX_URL = "pip:index-url"
+NPM_REGISTRY = "npm:registry"
 
 
 class DiscoveryError(RuntimeError):
@@ -45,3 +48,31 @@ def pip_index_url(env: Mapping[str, str]) -> str:
         if value:
             return value[0]
     return str(models.PyPI.simple_url)
+
+
+def npm_registry_url(env: Mapping[str, str]) -> str:
+    """The registry npm would use: ``npm_config_registry``, else ``npm config get registry``.
+
+    The second asks npm itself, which prints its configured registry or its built-in default.
+    """
+    for key in ("npm_config_registry", "NPM_CONFIG_REGISTRY"):
+        if env.get(key, "").strip():
+            return env[key].strip()
+    npm = shutil.which("npm", path=env.get("PATH"))
+    if npm is None:
+        raise DiscoveryError("npm is not installed here, so its registry cannot be discovered")
+    try:
+        done = subprocess.run(
+            [npm, "config", "get", "registry"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=dict(env),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DiscoveryError(f"`npm config get registry` failed: {exc}") from exc
+    url = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode != 0 or not url.startswith(("http://", "https://")):
+        raise DiscoveryError(f"`npm config get registry` gave no URL (exit {done.returncode})")
+    return url

@@ -1,0 +1,174 @@
+"""npm: the registry API for npm, pnpm and yarn, through the shared pipeline.
+
+Routes below ``/{domain}/npm/{repo}`` (scoped names arrive as ``@scope%2fname`` or
+``@scope/name``; both reach the same handlers)::
+
+    GET  /-/ping
+    GET  /-/package/{name}/dist-tags
+    GET  /{name}                       packument: full, or abbreviated when the client asks
+                                       for application/vnd.npm.install-v1+json
+    GET  /{name}/{version-or-tag}      one manifest
+    GET  /{name}/-/{file}.tgz          a tarball through the cache, checked against the
+                                       packument's integrity (SRI) and shasum before it is kept
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import hdrs, web
+
+from proxy.errors import BadRequest, NotFound
+from proxy.formats import npm_docs as docs
+from proxy.formats.base import FormatAdapter, RouteSpec
+from proxy.model import AssetRecord, ListedFile, Listing
+from proxy.pipeline.documents import DocumentRequest
+from proxy.server.routing import base_url, repo_ref
+from proxy.storage.hot import RenderedPage
+
+SCOPE = "{scope:@[^/%]+}"
+NAME = "{name:[^@/-][^/]*}"
+# aiohttp matches routes on the raw path: "@scope%2fname" is one segment, decoded on the way out.
+SCOPED = "{scoped:@[^/%]+%2[fF][^/]+}"
+
+
+class NpmAdapter(FormatAdapter):
+    """See the module docstring."""
+
+    name = "npm"
+
+    def routes(self) -> Sequence[RouteSpec]:
+        return (
+            RouteSpec("GET", "/-/ping", self.ping),
+            RouteSpec("GET", f"/-/package/{SCOPED}/dist-tags", self.dist_tags),
+            RouteSpec("GET", f"/-/package/{SCOPE}/{{name}}/dist-tags", self.dist_tags),
+            RouteSpec("GET", f"/{SCOPED}/-/{{filename}}", self.tarball),
+            RouteSpec("GET", f"/{SCOPED}/{{version}}", self.version),
+            RouteSpec("GET", f"/{SCOPED}", self.packument),
+            RouteSpec("GET", f"/-/package/{NAME}/dist-tags", self.dist_tags),
+            RouteSpec("GET", f"/{SCOPE}/{{name}}/-/{{filename}}", self.tarball),
+            RouteSpec("GET", f"/{NAME}/-/{{filename}}", self.tarball),
+            RouteSpec("GET", f"/{SCOPE}/{{name}}/{{version}}", self.version),
+            RouteSpec("GET", f"/{SCOPE}/{{name}}", self.packument),
+            RouteSpec("GET", f"/{NAME}/{{version}}", self.version),
+            RouteSpec("GET", f"/{NAME}", self.packument),
+        )
+
+    def normalize(self, package: str) -> str:
+        if not docs.valid_name(package):
+            raise BadRequest(f"{package!r} is not a valid npm package name")
+        return package
+
+    def document_request(self, index_url: str, package: str) -> DocumentRequest:
+        return DocumentRequest(
+            key=f"npm:{package}",
+            url=f"{index_url}{quote(package, safe='@')}",
+            headers={"Accept": docs.FULL},
+        )
+
+    def parse_listing(self, body: bytes, content_type: str, url: str, source: str) -> Listing:
+        return docs.parse_packument(body, source)
+
+    def hosted_file(
+        self, record: AssetRecord, attributes: Mapping[str, Any], *, hidden: bool, upload_time: str
+    ) -> ListedFile:
+        manifest = dict(attributes.get("manifest") or {})
+        return ListedFile(
+            filename=record.filename,
+            url="",
+            source="",
+            hashes={"sha512": attributes.get("sha512", ""), "sha1": attributes.get("sha1", "")},
+            version=record.version,
+            size=record.size,
+            hidden=hidden,
+            extra={"manifest": manifest, "upload_time": upload_time},
+        )
+
+    # --- handlers -----------------------------------------------------------------------------
+
+    async def ping(self, request: web.Request) -> web.StreamResponse:
+        self.pipeline.resolver.repository(repo_ref(request))
+        return web.json_response({})
+
+    async def packument(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        package = self._package(request)
+        abbreviated = docs.ABBREVIATED in request.headers.get(hdrs.ACCEPT, "")
+        kind = docs.ABBREVIATED if abbreviated else docs.FULL
+        base = base_url(request, self.pipeline.config.server)
+        group = (ref.domain, self.name, package)
+        variant = (ref.repository, kind, base)
+        page = self.pipeline.hot.page(group, variant)
+        status = "HIT"
+        if page is None:
+            resolved = await self.pipeline.resolver.listing(ref, self, package)
+            body = docs.render(
+                package, resolved.listing, self._tarball_url(base, ref, package), abbreviated=abbreviated
+            )
+            page = RenderedPage(
+                body=body,
+                content_type=kind,
+                etag=f'"{hashlib.sha256(body).hexdigest()[:40]}"',
+                cache_status=resolved.status.value,
+                expires_at=resolved.expires_at,
+            )
+            if page.cache_status != "STALE":
+                self.pipeline.hot.remember_page(group, variant, page)
+            status = page.cache_status
+        if request.headers.get(hdrs.IF_NONE_MATCH) == page.etag:
+            response = web.Response(status=304)
+        else:
+            response = web.Response(body=page.body, headers={hdrs.CONTENT_TYPE: page.content_type})
+        response.headers[hdrs.ETAG] = page.etag
+        response.headers[hdrs.VARY] = "Accept"
+        response.headers["X-Cache"] = status
+        return response
+
+    async def version(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        package = self._package(request)
+        spec = request.match_info["version"]
+        base = base_url(request, self.pipeline.config.server)
+        resolved = await self.pipeline.resolver.listing(ref, self, package)
+        body = docs.version_document(resolved.listing, spec, self._tarball_url(base, ref, package))
+        if body is None:
+            raise NotFound(f"version {spec!r} of {package!r} not found", detail={"package": package})
+        response = web.Response(body=body, headers={hdrs.CONTENT_TYPE: docs.FULL})
+        response.headers["X-Cache"] = resolved.status.value
+        return response
+
+    async def dist_tags(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        package = self._package(request)
+        resolved = await self.pipeline.resolver.listing(ref, self, package)
+        listed = {f.version for f in resolved.listing.files if not f.hidden}
+        tags = {t: v for t, v in (resolved.listing.extra.get("dist-tags") or {}).items() if v in listed}
+        return web.json_response(tags)
+
+    async def tarball(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        package = self._package(request)
+        filename = request.match_info["filename"]
+        if not filename.endswith(".tgz") or "/" in filename:
+            raise BadRequest(f"{filename!r} is not a tarball name")
+        handle = await self.pipeline.resolver.asset(ref, self, package, filename)
+        return await self.pipeline.sender.asset(request, handle)
+
+    def _package(self, request: web.Request) -> str:
+        if "scoped" in request.match_info:
+            return self.normalize(request.match_info["scoped"])
+        scope = request.match_info.get("scope")
+        name = request.match_info["name"]
+        return self.normalize(f"{scope}/{name}" if scope else name)
+
+    @staticmethod
+    def _tarball_url(base: str, ref: Any, package: str) -> Any:
+        prefix = f"{base}/{quote(ref.domain)}/npm/{quote(ref.repository)}/{package}/-/"
+
+        def url(filename: str) -> str:
+            return prefix + quote(filename)
+
+        return url
