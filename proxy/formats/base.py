@@ -78,6 +78,10 @@ class FormatAdapter(ABC):
             extra={"upload_time": upload_time},
         )
 
+    def hosted_extra(self, tags: Mapping[str, str], times: Mapping[str, str | None]) -> dict[str, Any]:
+        """Package-level fields of the published versions (npm: dist-tags and times)."""
+        return {}
+
     def is_companion(self, filename: str) -> bool:
         """Whether a file only accompanies another (and so is never listed on its own)."""
         return False

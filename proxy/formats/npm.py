@@ -19,10 +19,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from aiohttp import hdrs, web
 
 from proxy.errors import BadRequest, NotFound
 from proxy.formats import npm_docs as docs
+from proxy.formats import npm_publish
 from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.model import AssetRecord, ListedFile, Listing
 from proxy.pipeline.documents import DocumentRequest
@@ -43,12 +45,31 @@ class NpmAdapter(FormatAdapter):
     def routes(self) -> Sequence[RouteSpec]:
         return (
             RouteSpec("GET", "/-/ping", self.ping),
+            RouteSpec("GET", "/-/whoami", self.whoami),
             RouteSpec("GET", f"/-/package/{SCOPED}/dist-tags", self.dist_tags),
             RouteSpec("GET", f"/-/package/{SCOPE}/{{name}}/dist-tags", self.dist_tags),
+            RouteSpec("GET", f"/-/package/{NAME}/dist-tags", self.dist_tags),
+            RouteSpec("PUT", f"/-/package/{SCOPED}/dist-tags/{{tag}}", self.put_dist_tag),
+            RouteSpec("PUT", f"/-/package/{SCOPE}/{{name}}/dist-tags/{{tag}}", self.put_dist_tag),
+            RouteSpec("PUT", f"/-/package/{NAME}/dist-tags/{{tag}}", self.put_dist_tag),
+            RouteSpec("DELETE", f"/-/package/{SCOPED}/dist-tags/{{tag}}", self.delete_dist_tag),
+            RouteSpec("DELETE", f"/-/package/{SCOPE}/{{name}}/dist-tags/{{tag}}", self.delete_dist_tag),
+            RouteSpec("DELETE", f"/-/package/{NAME}/dist-tags/{{tag}}", self.delete_dist_tag),
+            RouteSpec("PUT", f"/{SCOPED}/-rev/{{rev}}", self.unpublish_versions),
+            RouteSpec("PUT", f"/{SCOPE}/{{name}}/-rev/{{rev}}", self.unpublish_versions),
+            RouteSpec("PUT", f"/{NAME}/-rev/{{rev}}", self.unpublish_versions),
+            RouteSpec("DELETE", f"/{SCOPED}/-/{{filename}}/-rev/{{rev}}", self.delete_tarball),
+            RouteSpec("DELETE", f"/{SCOPE}/{{name}}/-/{{filename}}/-rev/{{rev}}", self.delete_tarball),
+            RouteSpec("DELETE", f"/{NAME}/-/{{filename}}/-rev/{{rev}}", self.delete_tarball),
+            RouteSpec("DELETE", f"/{SCOPED}/-rev/{{rev}}", self.unpublish_all),
+            RouteSpec("DELETE", f"/{SCOPE}/{{name}}/-rev/{{rev}}", self.unpublish_all),
+            RouteSpec("DELETE", f"/{NAME}/-rev/{{rev}}", self.unpublish_all),
+            RouteSpec("PUT", f"/{SCOPED}", self.write),
+            RouteSpec("PUT", f"/{SCOPE}/{{name}}", self.write),
+            RouteSpec("PUT", f"/{NAME}", self.write),
             RouteSpec("GET", f"/{SCOPED}/-/{{filename}}", self.tarball),
             RouteSpec("GET", f"/{SCOPED}/{{version}}", self.version),
             RouteSpec("GET", f"/{SCOPED}", self.packument),
-            RouteSpec("GET", f"/-/package/{NAME}/dist-tags", self.dist_tags),
             RouteSpec("GET", f"/{SCOPE}/{{name}}/-/{{filename}}", self.tarball),
             RouteSpec("GET", f"/{NAME}/-/{{filename}}", self.tarball),
             RouteSpec("GET", f"/{SCOPE}/{{name}}/{{version}}", self.version),
@@ -86,6 +107,9 @@ class NpmAdapter(FormatAdapter):
             hidden=hidden,
             extra={"manifest": manifest, "upload_time": upload_time},
         )
+
+    def hosted_extra(self, tags: Mapping[str, str], times: Mapping[str, str | None]) -> dict[str, Any]:
+        return {"dist-tags": dict(tags), "time": {v: t for v, t in times.items() if t}}
 
     # --- handlers -----------------------------------------------------------------------------
 
@@ -156,6 +180,87 @@ class NpmAdapter(FormatAdapter):
             raise BadRequest(f"{filename!r} is not a tarball name")
         handle = await self.pipeline.resolver.asset(ref, self, package, filename)
         return await self.pipeline.sender.asset(request, handle)
+
+    async def whoami(self, request: web.Request) -> web.StreamResponse:
+        self.pipeline.resolver.repository(repo_ref(request))
+        return web.json_response({"username": "anonymous"})
+
+    async def write(self, request: web.Request) -> web.StreamResponse:
+        """``npm publish`` (with _attachments) or ``npm deprecate`` (without)."""
+        ref = repo_ref(request)
+        package = self._package(request)
+        publisher = self.pipeline.publisher
+        await publisher.check_allowed(ref, self.name, package)
+        doc = await npm_publish.read_document(request, publisher.max_upload_size)
+        if doc.get("_attachments"):
+            upload = await npm_publish.read_publish(doc, package, publisher)
+            record = await publisher.publish(ref, self, upload)
+            for tag in upload.attributes.get("tags") or ["latest"]:
+                await self.pipeline.packages.put_tag(ref, self.name, package, tag, upload.version)
+            return web.json_response({"ok": True, "id": package, "rev": record.digest.hex[:16]}, status=201)
+        published = await self.pipeline.packages.published_versions(ref, self.name, package)
+        if not published:
+            raise npm_publish.repo_and_package_error(ref, package)
+        for version, message in npm_publish.deprecations(doc).items():
+            row = published.get(version)
+            if row is None:
+                continue  # an upstream version: not ours to change
+            if (row.attributes.get("manifest") or {}).get("deprecated") != message:
+                manifest = dict(row.attributes.get("manifest") or {})
+                manifest["deprecated"] = message
+                if message is None:
+                    manifest.pop("deprecated")
+                await self.pipeline.packages.update_attributes(
+                    ref, self.name, package, version, {"manifest": manifest}
+                )
+        return web.json_response({"ok": True, "id": package})
+
+    async def unpublish_versions(self, request: web.Request) -> web.StreamResponse:
+        """``npm unpublish pkg@v``, step one: the packument without that version."""
+        ref = repo_ref(request)
+        package = self._package(request)
+        doc = await npm_publish.read_document(request, 0)
+        published = await self.pipeline.packages.published_versions(ref, self.name, package)
+        live = {v for v, row in published.items() if row.status != "Disposed"}
+        for version in npm_publish.missing_versions(doc, live):
+            await self.pipeline.packages.delete(ref, self.name, package, version)
+        return web.json_response({"ok": True, "id": package})
+
+    async def delete_tarball(self, request: web.Request) -> web.StreamResponse:
+        """``npm unpublish pkg@v``, step two: the tarball (already gone with its version)."""
+        repo_ref(request)
+        self._package(request)
+        return web.json_response({"ok": True})
+
+    async def unpublish_all(self, request: web.Request) -> web.StreamResponse:
+        """``npm unpublish pkg --force``: every version published in this repository."""
+        ref = repo_ref(request)
+        package = self._package(request)
+        published = await self.pipeline.packages.published_versions(ref, self.name, package)
+        if not published:
+            raise npm_publish.repo_and_package_error(ref, package)
+        for version, row in published.items():
+            if row.status != "Disposed":
+                await self.pipeline.packages.delete(ref, self.name, package, version)
+        return web.json_response({"ok": True, "id": package})
+
+    async def put_dist_tag(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        package = self._package(request)
+        try:
+            version = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest("the body must be a JSON string: the version") from exc
+        if not isinstance(version, str):
+            raise BadRequest("the body must be a JSON string: the version")
+        await self.pipeline.packages.put_tag(ref, self.name, package, request.match_info["tag"], version)
+        return web.json_response({"ok": True}, status=201)
+
+    async def delete_dist_tag(self, request: web.Request) -> web.StreamResponse:
+        ref = repo_ref(request)
+        package = self._package(request)
+        await self.pipeline.packages.delete_tag(ref, self.name, package, request.match_info["tag"])
+        return web.json_response({"ok": True})
 
     def _package(self, request: web.Request) -> str:
         if "scoped" in request.match_info:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -157,6 +158,8 @@ def render(
         return orjson.dumps(doc)
     meta = dict(listing.extra.get("meta") or {})
     doc = {"_id": name, **meta, "name": name, "dist-tags": tags, "versions": versions, "time": kept_times}
+    # npm's unpublish echoes the revision in its URLs; any stable token serves.
+    doc["_rev"] = f"1-{hashlib.sha256(','.join(sorted(versions)).encode()).hexdigest()[:32]}"
     return orjson.dumps(doc)
 
 

@@ -123,6 +123,35 @@ class PackageService:
             raise Conflict(f"{package} {version} already has files in {dst.repository}")
         self._resolver.published(assets)
 
+    async def published_versions(self, ref: RepoRef, fmt: str, package: str) -> dict[str, VersionRow]:
+        self._repo(ref)
+        return {v.version: v for v in await self._catalog.versions(ref, fmt, package)}
+
+    async def tags(self, ref: RepoRef, fmt: str, package: str) -> dict[str, str]:
+        self._repo(ref)
+        return await self._catalog.tags(ref, fmt, package)
+
+    async def put_tag(self, ref: RepoRef, fmt: str, package: str, tag: str, version: str) -> None:
+        """Point a tag at a version published here (npm's dist-tags)."""
+        await self._version(ref, fmt, package, version)
+        if not tag or any(c in tag for c in "/@ ") or tag[0].isdigit():
+            raise BadRequest(f"invalid tag name {tag!r}")
+        await self._catalog.put_tag(ref, fmt, package, tag, version)
+        self._changed(ref, fmt, package)
+
+    async def delete_tag(self, ref: RepoRef, fmt: str, package: str, tag: str) -> None:
+        self._repo(ref)
+        if not await self._catalog.delete_tag(ref, fmt, package, tag):
+            raise NotFound(f"{package} has no tag {tag!r} in {ref.repository}")
+        self._changed(ref, fmt, package)
+
+    async def update_attributes(
+        self, ref: RepoRef, fmt: str, package: str, version: str, attributes: dict[str, Any]
+    ) -> None:
+        await self._version(ref, fmt, package, version)
+        await self._catalog.update_attributes(ref, fmt, package, version, attributes)
+        self._changed(ref, fmt, package)
+
     async def _version(self, ref: RepoRef, fmt: str, package: str, version: str) -> VersionRow:
         self._repo(ref)
         for row in await self._catalog.versions(ref, fmt, package):

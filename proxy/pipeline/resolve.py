@@ -266,7 +266,11 @@ class Resolver:
                 )
             )
         versions = tuple(v for v, st in policy.statuses.items() if st in ("Published",))
-        return Listing(package=package, files=tuple(files), versions=versions)
+        tags = await self._catalog.tags(ref, adapter.name, package)
+        extra = adapter.hosted_extra(
+            tags, {f.version: f.extra.get("upload_time") for f in files if f.version}
+        )
+        return Listing(package=package, files=tuple(files), versions=versions, extra=extra)
 
     async def _external(self, client: UpstreamClient, adapter: FormatAdapter, package: str) -> _Collected:
         req = adapter.document_request(client.config.url, package)

@@ -137,7 +137,7 @@ class Catalog:
         """Remove a repository and its rows (blobs stay until garbage collection)."""
         async with self._index.transaction():
             args = (ref.domain, ref.repository)
-            for table in ("assets", "versions", "origin_rules", "quarantine"):
+            for table in ("assets", "versions", "origin_rules", "quarantine", "package_tags"):
                 await self._index.db.execute(f"DELETE FROM {table} WHERE domain=? AND repository=?", args)
             cur = await self._index.db.execute("DELETE FROM repositories WHERE domain=? AND name=?", args)
             return cur.rowcount > 0
@@ -236,6 +236,11 @@ class Catalog:
                 "DELETE FROM assets WHERE domain=? AND repository=? AND format=? AND package=? AND version=?",
                 args,
             )
+            await self._index.db.execute(
+                "DELETE FROM package_tags WHERE domain=? AND repository=? AND format=? AND package=? "
+                "AND version=?",
+                args,
+            )
             if forget:
                 sql = (
                     "DELETE FROM versions WHERE domain=? AND repository=? AND format=? AND package=? "
@@ -248,6 +253,45 @@ class Catalog:
                     "repository=? AND format=? AND package=? AND version=?",
                     (time.time(), *args),
                 )
+            return cur.rowcount > 0
+
+    async def update_attributes(
+        self, repo: RepoRef, fmt: str, package: str, version: str, attributes: dict[str, Any]
+    ) -> bool:
+        """Merge keys into a version's attributes (npm's ``deprecated``, for one)."""
+        async with self._index.transaction():
+            cur = await self._index.db.execute(
+                "UPDATE versions SET attributes=json_patch(attributes, ?), updated_at=? WHERE "
+                "domain=? AND repository=? AND format=? AND package=? AND version=?",
+                (json.dumps(attributes), time.time(), repo.domain, repo.repository, fmt, package, version),
+            )
+            return cur.rowcount > 0
+
+    # --- tags -----------------------------------------------------------------------------------
+
+    async def tags(self, repo: RepoRef, fmt: str, package: str) -> dict[str, str]:
+        sql = (
+            "SELECT tag, version FROM package_tags WHERE domain=? AND repository=? AND format=? "
+            "AND package=? ORDER BY tag"
+        )
+        async with self._index.db.execute(sql, (repo.domain, repo.repository, fmt, package)) as cur:
+            return {str(r[0]): str(r[1]) for r in await cur.fetchall()}
+
+    async def put_tag(self, repo: RepoRef, fmt: str, package: str, tag: str, version: str) -> None:
+        async with self._index.transaction():
+            await self._index.db.execute(
+                "INSERT OR REPLACE INTO package_tags (domain, repository, format, package, tag, "
+                "version, updated_at) VALUES (?,?,?,?,?,?,?)",
+                (repo.domain, repo.repository, fmt, package, tag, version, time.time()),
+            )
+
+    async def delete_tag(self, repo: RepoRef, fmt: str, package: str, tag: str) -> bool:
+        async with self._index.transaction():
+            cur = await self._index.db.execute(
+                "DELETE FROM package_tags WHERE domain=? AND repository=? AND format=? AND package=? "
+                "AND tag=?",
+                (repo.domain, repo.repository, fmt, package, tag),
+            )
             return cur.rowcount > 0
 
     # --- origin controls and quarantine -------------------------------------------------------

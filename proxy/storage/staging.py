@@ -84,15 +84,23 @@ class Progress:
 class StagedWriter:
     """One temp file being filled; see the module docstring for its life cycle."""
 
-    def __init__(self, path: Path, expect: Mapping[str, str], expect_size: int | None, max_size: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        expect: Mapping[str, str],
+        expect_size: int | None,
+        max_size: int,
+        compute: tuple[str, ...] = (),
+    ) -> None:
         self.path = path
         self.progress = Progress()
         self._expect = {k: v.lower() for k, v in expect.items() if k in CHECKABLE_HASHES}
         self._expect_size = expect_size
         self._max_size = max_size
         self._hashers: dict[str, Any] = {"sha256": hashlib.sha256()}
-        for name in self._expect:
-            self._hashers.setdefault(name, hashlib.new(name))
+        for name in (*self._expect, *compute):
+            if name in CHECKABLE_HASHES:
+                self._hashers.setdefault(name, hashlib.new(name))
         self._fd: int | None = None
         self._buffer = bytearray()
         self._size = 0
@@ -216,7 +224,11 @@ class StagingArea:
         *,
         expect_size: int | None = None,
         max_size: int,
+        compute: tuple[str, ...] = (),
     ) -> StagedWriter:
-        """A writer for one new temp file; enter it with ``async with`` to open the file."""
+        """A writer for one new temp file; enter it with ``async with`` to open the file.
+
+        ``compute`` names digests to report besides SHA-256 and the expected ones.
+        """
         path = self.root / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
-        return StagedWriter(path, expect or {}, expect_size, max_size)
+        return StagedWriter(path, expect or {}, expect_size, max_size, compute)
