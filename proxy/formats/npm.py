@@ -200,7 +200,7 @@ class NpmAdapter(FormatAdapter):
             return web.json_response({"ok": True, "id": package, "rev": record.digest.hex[:16]}, status=201)
         published = await self.pipeline.packages.published_versions(ref, self.name, package)
         if not published:
-            raise npm_publish.repo_and_package_error(ref, package)
+            raise BadRequest(f"a publish of {package} must carry its tarball in _attachments")
         for version, message in npm_publish.deprecations(doc).items():
             row = published.get(version)
             if row is None:
