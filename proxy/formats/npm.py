@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -35,6 +36,7 @@ SCOPE = "{scope:@[^/%]+}"
 NAME = "{name:[^@/-][^/]*}"
 # aiohttp matches routes on the raw path: "@scope%2fname" is one segment, decoded on the way out.
 SCOPED = "{scoped:@[^/%]+%2[fF][^/]+}"
+PASSTHROUGH_LIMIT = 32 * 2**20
 
 
 class NpmAdapter(FormatAdapter):
@@ -46,6 +48,9 @@ class NpmAdapter(FormatAdapter):
         return (
             RouteSpec("GET", "/-/ping", self.ping),
             RouteSpec("GET", "/-/whoami", self.whoami),
+            RouteSpec("POST", "/-/npm/v1/security/advisories/bulk", self.passthrough),
+            RouteSpec("POST", "/-/npm/v1/security/audits/quick", self.passthrough),
+            RouteSpec("GET", "/-/v1/search", self.passthrough),
             RouteSpec("GET", f"/-/package/{SCOPED}/dist-tags", self.dist_tags),
             RouteSpec("GET", f"/-/package/{SCOPE}/{{name}}/dist-tags", self.dist_tags),
             RouteSpec("GET", f"/-/package/{NAME}/dist-tags", self.dist_tags),
@@ -129,6 +134,15 @@ class NpmAdapter(FormatAdapter):
         status = "HIT"
         if page is None:
             resolved = await self.pipeline.resolver.listing(ref, self, package)
+            if resolved.status.value == "STALE":  # upstream gone: offer only what can be installed
+                cached = await self.pipeline.resolver.cached_files(ref, self.name, package)
+                resolved = replace(
+                    resolved,
+                    listing=replace(
+                        resolved.listing,
+                        files=tuple(f for f in resolved.listing.files if f.filename in cached),
+                    ),
+                )
             body = docs.render(
                 package, resolved.listing, self._tarball_url(base, ref, package), abbreviated=abbreviated
             )
@@ -180,6 +194,24 @@ class NpmAdapter(FormatAdapter):
             raise BadRequest(f"{filename!r} is not a tarball name")
         handle = await self.pipeline.resolver.asset(ref, self, package, filename)
         return await self.pipeline.sender.asset(request, handle)
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        """npm audit and npm search: asked of the first npm connection, never cached."""
+        ref = repo_ref(request)
+        client = self.pipeline.resolver.first_connection(ref, self.name)
+        suffix = request.path.removeprefix(f"/{ref.domain}/npm/{ref.repository}")
+        url = f"{client.config.url.rstrip('/')}{suffix}"
+        if request.query_string:
+            url += f"?{request.query_string}"
+        body = await request.read() if request.can_read_body else b""
+        status, ctype, data = await client.forward(
+            request.method,
+            url,
+            content_type=request.content_type if body else None,
+            body=body,
+            limit=PASSTHROUGH_LIMIT,
+        )
+        return web.Response(status=status, body=data, headers={hdrs.CONTENT_TYPE: ctype, "X-Cache": "MISS"})
 
     async def whoami(self, request: web.Request) -> web.StreamResponse:
         self.pipeline.resolver.repository(repo_ref(request))

@@ -299,6 +299,23 @@ class Resolver:
             out.warnings.append(doc.warning)
         return out
 
+    def first_connection(self, ref: RepoRef, fmt: str) -> UpstreamClient:
+        """The first external connection of ``fmt`` along the chain (for pass-through calls)."""
+        domain = self.registry.domain(ref.domain)
+        assert domain is not None
+        for name in self.repository(ref).upstreams:
+            if domain.repository(name) is not None:
+                try:
+                    return self.first_connection(RepoRef(ref.domain, name), fmt)
+                except NotFound:
+                    continue
+            client = self._clients.get(name)
+            if client is not None and client.config.format == fmt:
+                if self.config.server.offline:
+                    raise Offline(f"offline mode: {fmt} pass-through calls need the upstream")
+                return client
+        raise NotFound(f"{ref.domain}/{ref.repository} has no {fmt} upstream to pass this call to")
+
     async def cached_files(self, ref: RepoRef, fmt: str, package: str) -> dict[str, AssetRecord]:
         """Assets of a package stored in this repository or along its repository chain."""
         found: dict[str, AssetRecord] = {}

@@ -222,6 +222,49 @@ class UpstreamClient:
         log.warning("%s", last_error.message)
         raise last_error
 
+    async def forward(
+        self, method: str, url: str, *, content_type: str | None, body: bytes, limit: int
+    ) -> tuple[int, str, bytes]:
+        """One request passed through (npm audit, npm search): no retries, bounded answer.
+
+        Only the body and its content type travel: no client header, so no client credential.
+        """
+        if self._session is None:
+            raise UpstreamUnavailable(f"upstream {self.name} is not started")
+        self.check_target(url)
+        try:
+            self.breaker.before_request()
+        except CircuitOpen as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.name} is failing; skipped ({exc})", detail={"upstream": self.name}
+            ) from None
+        headers = {"Content-Type": content_type} if content_type else {}
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=body or None,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self.timeout(self.config.metadata_timeout),
+            ) as resp:
+                data = await resp.content.read(limit + 1)
+                if len(data) > limit:
+                    raise UpstreamUnavailable(f"upstream {self.name}: answer larger than {limit} bytes")
+                self.breaker.record_success()
+                return resp.status, resp.headers.get("Content-Type", "application/json"), data
+        except TimeoutError as exc:
+            self.breaker.record_failure()
+            raise UpstreamTimeout(
+                f"upstream {self.name} timed out for {url}", detail={"upstream": self.name}
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            self.breaker.record_failure()
+            raise UpstreamUnavailable(
+                f"upstream {self.name} unreachable for {url}: {_describe(exc)}",
+                detail={"upstream": self.name},
+            ) from exc
+
     async def _follow(
         self, url: str, headers: Mapping[str, str], client_timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
