@@ -23,12 +23,13 @@ from urllib.parse import quote
 import orjson
 from aiohttp import hdrs, web
 
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, NotFound, Offline, UpstreamUnavailable
 from proxy.formats import npm_docs as docs
 from proxy.formats import npm_publish
 from proxy.formats.base import FormatAdapter, RouteSpec
-from proxy.model import AssetRecord, ListedFile, Listing
+from proxy.model import AssetRecord, CacheStatus, ListedFile, Listing, RepoRef
 from proxy.pipeline.documents import DocumentRequest
+from proxy.pipeline.resolve import ResolvedListing
 from proxy.server.routing import base_url, repo_ref
 from proxy.storage.hot import RenderedPage
 
@@ -133,25 +134,21 @@ class NpmAdapter(FormatAdapter):
         page = self.pipeline.hot.page(group, variant)
         status = "HIT"
         if page is None:
-            resolved = await self.pipeline.resolver.listing(ref, self, package)
-            if resolved.status.value == "STALE":  # upstream gone: offer only what can be installed
-                cached = await self.pipeline.resolver.cached_files(ref, self.name, package)
-                resolved = replace(
-                    resolved,
-                    listing=replace(
-                        resolved.listing,
-                        files=tuple(f for f in resolved.listing.files if f.filename in cached),
-                    ),
-                )
+            resolved = await self.installable(ref, package)
             body = docs.render(
                 package, resolved.listing, self._tarball_url(base, ref, package), abbreviated=abbreviated
             )
+            headers: tuple[tuple[str, str], ...] = ()
+            if resolved.warnings:
+                text = "; ".join(resolved.warnings).replace("\r", " ").replace("\n", " ")[:500]
+                headers = (("X-Proxy-Warning", text),)
             page = RenderedPage(
                 body=body,
                 content_type=kind,
                 etag=f'"{hashlib.sha256(body).hexdigest()[:40]}"',
                 cache_status=resolved.status.value,
                 expires_at=resolved.expires_at,
+                headers=headers,
             )
             if page.cache_status != "STALE":
                 self.pipeline.hot.remember_page(group, variant, page)
@@ -163,7 +160,30 @@ class NpmAdapter(FormatAdapter):
         response.headers[hdrs.ETAG] = page.etag
         response.headers[hdrs.VARY] = "Accept"
         response.headers["X-Cache"] = status
+        for name, value in page.headers:
+            response.headers[name] = value
         return response
+
+    async def installable(self, ref: RepoRef, package: str) -> ResolvedListing:
+        """The merged listing; with the upstream unreachable (or offline), only what is cached.
+
+        A stale packument that offered uncached versions would send npm to a tarball it cannot
+        get; with nothing cached at all, the answer is the upstream's failure (502/503), never an
+        empty document.
+        """
+        resolved = await self.pipeline.resolver.listing(ref, self, package)
+        offline = self.pipeline.config.server.offline
+        if resolved.status is not CacheStatus.STALE and not offline:
+            return resolved
+        cached = await self.pipeline.resolver.cached_files(ref, self.name, package)
+        files = tuple(f for f in resolved.listing.files if f.filename in cached)
+        if not files and any(not f.hidden for f in resolved.listing.files):
+            reason = "; ".join(resolved.warnings) or "the upstream is unreachable"
+            detail = {"package": package, "upstream": ", ".join(resolved.stale_upstreams) or None}
+            if offline:
+                raise Offline(f"offline mode: no version of {package} is cached", detail=detail)
+            raise UpstreamUnavailable(f"no version of {package} is cached and {reason}", detail=detail)
+        return replace(resolved, listing=replace(resolved.listing, files=files))
 
     async def version(self, request: web.Request) -> web.StreamResponse:
         ref = repo_ref(request)
@@ -184,7 +204,9 @@ class NpmAdapter(FormatAdapter):
         resolved = await self.pipeline.resolver.listing(ref, self, package)
         listed = {f.version for f in resolved.listing.files if not f.hidden}
         tags = {t: v for t, v in (resolved.listing.extra.get("dist-tags") or {}).items() if v in listed}
-        return web.json_response(tags)
+        response = web.json_response(tags)
+        response.headers["X-Cache"] = resolved.status.value
+        return response
 
     async def tarball(self, request: web.Request) -> web.StreamResponse:
         ref = repo_ref(request)

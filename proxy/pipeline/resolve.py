@@ -53,6 +53,7 @@ class ResolvedListing:
     expires_at: float
     warnings: tuple[str, ...] = ()
     blocked: Mapping[str, str] = field(default_factory=dict)  # filename -> why it is hidden
+    stale_upstreams: tuple[str, ...] = ()  # connections answered for by a stale copy or not at all
 
 
 @dataclass(slots=True)
@@ -73,8 +74,10 @@ class _Collected:
     warnings: list[str] = field(default_factory=list)
     errors: list[ProxyError] = field(default_factory=list)
     blocked: dict[str, str] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)
 
     def absorb(self, other: _Collected) -> None:
+        self.stale += [name for name in other.stale if name not in self.stale]
         self.listings += other.listings
         self.statuses += other.statuses
         self.expiries += other.expiries
@@ -197,6 +200,10 @@ class Resolver:
             expires_at=expires,
             warnings=tuple(warnings),
             blocked=collected.blocked,
+            stale_upstreams=tuple(
+                collected.stale
+                + [str(e.detail["upstream"]) for e in collected.errors if "upstream" in e.detail]
+            ),
         )
 
     async def _collect(self, ref: RepoRef, adapter: FormatAdapter, package: str) -> _Collected:
@@ -225,7 +232,11 @@ class Resolver:
             if isinstance(part, BaseException):
                 raise part
             upstream_part = _Collected(
-                statuses=part.statuses, expiries=part.expiries, warnings=part.warnings, errors=part.errors
+                statuses=part.statuses,
+                expiries=part.expiries,
+                warnings=part.warnings,
+                errors=part.errors,
+                stale=part.stale,
             )
             upstream_part.blocked.update(part.blocked)
             for listing in part.listings:
@@ -294,6 +305,8 @@ class Resolver:
             self._hot.remember_listing(key, parsed)
         out.listings.append(parsed)
         out.statuses.append(doc.status)
+        if doc.status is CacheStatus.STALE:
+            out.stale.append(client.name)
         out.expiries.append(row.expires_at)
         if doc.warning:
             out.warnings.append(doc.warning)

@@ -1,0 +1,698 @@
+"""npm through the proxy: the real npm client and raw HTTP against a fake npm registry upstream.
+
+The upstream is :class:`tests.fakes.npm.FakeNpmRegistry` serving tarballs made by the real
+``npm pack``; the proxy is the real application built by ``build_app`` with one npm connection
+(``npmfake``) behind repository ``public`` and the chain ``team`` → ``public``. npm runs isolated
+(tests/npm_clients.py) with a fresh cache per run, so every tarball it installs really comes
+through the proxy. Nothing here needs the internet except the opt-in live test at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from proxy.app import build_app
+from proxy.config import Overrides, load_config, parse_config
+from proxy.observability import AccessLogger
+from tests.conftest import RunningProxy, index_rows, temp_files
+from tests.fakes.npm import ABBREVIATED, FakeNpmRegistry, Fault, FaultKind, build_tarball
+from tests.npm_clients import npm
+
+FULL = "application/json"
+# What npm itself sends for packuments.
+NPM_ACCEPT = "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, */*"
+UPSTREAM = "npmfake"
+
+
+# --- packages -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pkg:
+    name: str
+    version: str
+    time: str
+    dependencies: dict[str, str] = field(default_factory=dict)
+    deprecated: str | None = None
+
+
+PACKAGES = (
+    Pkg("left", "0.9.0", "2024-01-01T00:00:00.000Z", deprecated="left 0.9 is unsupported; use 1.x"),
+    Pkg("right", "1.0.0", "2024-01-02T00:00:00.000Z"),
+    Pkg("right", "1.1.0", "2024-01-03T00:00:00.000Z"),
+    Pkg("left", "1.0.0", "2024-01-04T00:00:00.000Z", {"right": "^1.0.0"}),
+    Pkg("app", "1.0.0", "2024-01-05T00:00:00.000Z", {"left": "^1.0.0"}),
+    Pkg("@acme/util", "1.0.0", "2024-01-06T00:00:00.000Z"),
+    Pkg("lonely", "1.0.0", "2024-01-07T00:00:00.000Z"),  # never installed: the never-cached one
+)
+# What `npm install` of ROOT_DEPS puts into node_modules (right: the highest 1.x).
+ROOT_DEPS = {"app": "^1.0.0", "@acme/util": "^1.0.0"}
+INSTALLED = {"app": "1.0.0", "left": "1.0.0", "right": "1.1.0", "@acme/util": "1.0.0"}
+
+
+@pytest.fixture(scope="session")
+def npm_tarballs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """Every package of PACKAGES packed once per session (in parallel: npm pack takes ~0.5 s)."""
+    root = tmp_path_factory.mktemp("npm-tarballs")
+    with ThreadPoolExecutor(max_workers=len(PACKAGES)) as pool:
+        futures = {
+            (p.name, p.version): pool.submit(
+                build_tarball, root, p.name, p.version, dependencies=p.dependencies
+            )
+            for p in PACKAGES
+        }
+        return {key: future.result() for key, future in futures.items()}
+
+
+@pytest.fixture
+async def registry(npm_tarballs: dict[tuple[str, str], Path]) -> AsyncIterator[FakeNpmRegistry]:
+    async with FakeNpmRegistry() as fake:
+        for p in PACKAGES:
+            await fake.add_version_async(
+                p.name,
+                npm_tarballs[(p.name, p.version)],
+                version=p.version,
+                dependencies=p.dependencies,
+                deprecated=p.deprecated,
+                time=p.time,
+            )
+        yield fake
+
+
+# --- the proxy ----------------------------------------------------------------------------------
+
+
+@dataclass
+class NpmProxy(RunningProxy):
+    def registry(self, repo: str = "public") -> str:
+        """The registry URL npm is given: ``http://HOST/default/npm/{repo}/``."""
+        return f"{self.url}/default/npm/{repo}/"
+
+    @property
+    def port(self) -> int:
+        return int(URL(self.url).port or 0)
+
+
+def npm_proxy_config(data_dir: Path, upstream_url: str, **server: Any) -> dict[str, Any]:
+    """A config document with one npm connection; ``upstream_*`` keys go to the connection."""
+    upstream: dict[str, Any] = {
+        "format": "npm",
+        "url": upstream_url,
+        "metadata_ttl": "10m",
+        "connect_timeout": "2s",
+        "read_timeout": "5s",
+        "metadata_timeout": "5s",
+        "retries": 1,
+    }
+    for key in list(server):
+        if key.startswith("upstream_"):
+            upstream[key.removeprefix("upstream_")] = server.pop(key)
+    return {
+        "server": {"data_dir": str(data_dir), "soft_deadline": "2s", **server},
+        "upstreams": {UPSTREAM: upstream},
+        "domains": [
+            {
+                "name": "default",
+                "repositories": [
+                    {"name": "public", "upstreams": [UPSTREAM]},
+                    {"name": "team", "upstreams": ["public"]},
+                ],
+            }
+        ],
+    }
+
+
+NpmProxyFactory = Callable[..., Awaitable[NpmProxy]]
+
+
+@pytest.fixture
+async def npm_proxy_factory(tmp_path: Path) -> AsyncIterator[NpmProxyFactory]:
+    """Start proxies (stopped at the end unless a test stopped them); data dir shared unless given."""
+    started: list[NpmProxy] = []
+
+    async def start(
+        upstream_url: str, *, data_dir: Path | None = None, port: int = 0, **server: Any
+    ) -> NpmProxy:
+        raw = npm_proxy_config(data_dir or tmp_path / "data", upstream_url, **server)
+        config = parse_config(raw, Overrides(), os.environ)
+        runner = web.AppRunner(build_app(config), access_log_class=AccessLogger)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        host, bound = runner.addresses[0][:2]
+        proxy = NpmProxy(url=f"http://{host}:{bound}", config=config, runner=runner)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in reversed(started):
+        if proxy.runner.server is not None:
+            await proxy.stop()
+
+
+@pytest.fixture
+async def npm_proxy(npm_proxy_factory: NpmProxyFactory, registry: FakeNpmRegistry) -> NpmProxy:
+    return await npm_proxy_factory(registry.url)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Got:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def get(
+    http: aiohttp.ClientSession,
+    url: str,
+    *,
+    accept: str = FULL,
+    raw: bool = False,
+    headers: dict[str, str] | None = None,
+) -> Got:
+    """GET and read the whole body; ``raw`` sends the URL exactly as written (no re-quoting)."""
+    target: str | URL = URL(url, encoded=True) if raw else url
+    async with http.get(target, headers={"Accept": accept, **(headers or {})}) as resp:
+        return Got(resp.status, resp.headers, await resp.read())
+
+
+async def write_project(path: Path, deps: dict[str, str], *, lockfile: Path | None = None) -> Path:
+    """A private project depending on ``deps``; with ``lockfile``, that lock copied in."""
+
+    def write() -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {"name": "proj", "version": "1.0.0", "private": True, "dependencies": deps}
+        (path / "package.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if lockfile is not None:
+            (path / "package-lock.json").write_bytes(lockfile.read_bytes())
+
+    await asyncio.to_thread(write)
+    return path
+
+
+async def installed(project: Path) -> dict[str, str]:
+    """``{name: version}`` of everything in the project's top-level node_modules."""
+
+    def scan() -> dict[str, str]:
+        found: dict[str, str] = {}
+        modules = project / "node_modules"
+        dirs = [d for d in modules.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        for d in dirs:
+            for pkg in sorted(d.iterdir()) if d.name.startswith("@") else [d]:
+                manifest = json.loads((pkg / "package.json").read_text(encoding="utf-8"))
+                found[manifest["name"]] = manifest["version"]
+        return found
+
+    return await asyncio.to_thread(scan)
+
+
+async def read_json(path: Path) -> Any:
+    return json.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
+
+
+async def read_bytes(path: Path) -> bytes:
+    return await asyncio.to_thread(path.read_bytes)
+
+
+async def asset_rows(proxy: NpmProxy, package: str, filename: str) -> list[tuple[Any, ...]]:
+    return await asyncio.to_thread(
+        index_rows,
+        proxy.data_dir,
+        "SELECT repository, digest FROM assets WHERE package=? AND filename=?",
+        (package, filename),
+    )
+
+
+def tarball_hits(registry: FakeNpmRegistry, versions: dict[str, str] = INSTALLED) -> dict[str, int]:
+    return {name: registry.hits[registry.tarball_path(name, v)] for name, v in versions.items()}
+
+
+def proxy_tarball(
+    proxy: NpmProxy, registry: FakeNpmRegistry, name: str, version: str, repo: str = "public"
+) -> str:
+    return f"{proxy.registry(repo)}{name}/-/{registry.versions(name)[version].filename}"
+
+
+def sri(data: bytes) -> str:
+    return "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+async def check_lockfile(
+    project: Path, proxy: NpmProxy, registry: FakeNpmRegistry, repo: str = "public"
+) -> None:
+    """Every installed package is locked to the proxy's tarball URL with the upstream's integrity."""
+    lock = await read_json(project / "package-lock.json")
+    for name, version in INSTALLED.items():
+        entry = lock["packages"][f"node_modules/{name}"]
+        assert entry["version"] == version
+        assert entry["resolved"] == proxy_tarball(proxy, registry, name, version, repo)
+        assert entry["integrity"] == registry.versions(name)[version].integrity
+
+
+# --- npm install, cold and warm -----------------------------------------------------------------
+
+
+async def test_npm_install_cold_then_warm(
+    npm_proxy: NpmProxy, registry: FakeNpmRegistry, tmp_path: Path
+) -> None:
+    cold = await write_project(tmp_path / "cold", ROOT_DEPS)
+    run = await npm("install", cwd=cold, registry=npm_proxy.registry(), cache=tmp_path / "cache-cold")
+    assert run.ok, run.output
+    assert await installed(cold) == INSTALLED
+    assert tarball_hits(registry) == dict.fromkeys(INSTALLED, 1)
+    await check_lockfile(cold, npm_proxy, registry)
+    # The proxy asks the upstream for full packuments (it renders the abbreviated form itself).
+    packument_requests = [h for p, h in registry.requests if p == registry.packument_path("@acme/util")]
+    assert [h.get("Accept") for h in packument_requests] == [FULL]
+
+    warm = await write_project(tmp_path / "warm", ROOT_DEPS)
+    run = await npm("install", cwd=warm, registry=npm_proxy.registry(), cache=tmp_path / "cache-warm")
+    assert run.ok, run.output
+    assert await installed(warm) == INSTALLED
+    # Nothing more from the upstream: tarballs are cached, packuments fresh within their TTL.
+    assert tarball_hits(registry) == dict.fromkeys(INSTALLED, 1)
+    assert {n: registry.hits[registry.packument_path(n)] for n in INSTALLED} == dict.fromkeys(INSTALLED, 1)
+    assert registry.hits[registry.tarball_path("right", "1.0.0")] == 0
+    await check_lockfile(warm, npm_proxy, registry)
+
+
+# --- the registry API ---------------------------------------------------------------------------
+
+
+async def test_abbreviated_and_full_packuments(
+    npm_proxy: NpmProxy, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    url = npm_proxy.registry() + "left"
+    abbreviated = await get(http, url, accept=NPM_ACCEPT)
+    assert abbreviated.status == 200
+    assert abbreviated.headers["Content-Type"].startswith(ABBREVIATED)
+    assert abbreviated.headers["X-Cache"] == "MISS"
+    short = abbreviated.json()
+    assert "time" not in short and "readme" not in short
+    assert short["name"] == "left"
+    assert short["dist-tags"] == {"latest": "1.0.0"}
+    assert set(short["versions"]) == {"0.9.0", "1.0.0"}
+    assert short["versions"]["0.9.0"]["deprecated"] == "left 0.9 is unsupported; use 1.x"
+    assert short["versions"]["1.0.0"]["dependencies"] == {"right": "^1.0.0"}
+    assert "readme" not in short["versions"]["1.0.0"] and "_id" not in short["versions"]["1.0.0"]
+
+    full = await get(http, url, accept=FULL)
+    assert full.status == 200
+    assert full.headers["Content-Type"].startswith(FULL)
+    assert full.headers["X-Cache"] in {"HIT", "MISS"}
+    long = full.json()
+    assert long["_id"] == "left" and long["name"] == "left"
+    assert long["readme"].startswith("# left")
+    assert long["time"]["1.0.0"] == "2024-01-04T00:00:00.000Z"
+    assert long["time"]["0.9.0"] == "2024-01-01T00:00:00.000Z"
+    assert {"created", "modified"} <= set(long["time"])
+    assert long["versions"]["1.0.0"]["_id"] == "left@1.0.0"
+
+    for doc in (short, long):
+        for version, entry in registry.versions("left").items():
+            dist = doc["versions"][version]["dist"]
+            assert dist["integrity"] == entry.integrity
+            assert dist["shasum"] == entry.shasum
+            assert dist["tarball"] == proxy_tarball(npm_proxy, registry, "left", version)
+            assert dist["tarball"].startswith(f"{npm_proxy.url}/default/npm/public/")
+    assert registry.hits["/left"] == 1  # both renderings come from one upstream document
+
+    again = await get(http, url, accept=NPM_ACCEPT)
+    assert again.headers["X-Cache"] == "HIT" and again.body == abbreviated.body
+    etag = abbreviated.headers["ETag"]
+    assert full.headers["ETag"] != etag and "Accept" in abbreviated.headers["Vary"]
+    not_modified = await get(http, url, accept=NPM_ACCEPT, headers={"If-None-Match": etag})
+    assert not_modified.status == 304 and not_modified.body == b""
+
+
+async def test_versions_tags_ping_and_tarballs(
+    npm_proxy: NpmProxy, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    base = npm_proxy.registry()
+    for spec, version in (("latest", "1.1.0"), ("1.1.0", "1.1.0"), ("1.0.0", "1.0.0")):
+        got = await get(http, f"{base}right/{spec}")
+        assert got.status == 200, got.body
+        assert "X-Cache" in got.headers
+        doc = got.json()
+        assert doc["name"] == "right" and doc["version"] == version
+        assert doc["dist"]["tarball"] == proxy_tarball(npm_proxy, registry, "right", version)
+        assert doc["dist"]["integrity"] == registry.versions("right")[version].integrity
+    missing = await get(http, f"{base}right/9.9.9")
+    assert missing.status == 404 and missing.json()["error"] == "not_found"
+
+    tags = await get(http, f"{base}-/package/right/dist-tags")
+    assert tags.status == 200 and tags.json() == {"latest": "1.1.0"}
+
+    ping = await get(http, f"{base}-/ping")
+    assert ping.status == 200 and ping.json() == {}
+
+    entry = registry.versions("right")["1.1.0"]
+    url = proxy_tarball(npm_proxy, registry, "right", "1.1.0")
+    first = await get(http, url, accept="*/*")
+    assert first.status == 200 and first.headers["X-Cache"] == "MISS"
+    assert first.body == await read_bytes(entry.path)
+    assert sri(first.body) == entry.integrity
+    second = await get(http, url, accept="*/*")
+    assert second.status == 200 and second.headers["X-Cache"] == "HIT" and second.body == first.body
+    assert registry.hits[registry.tarball_path("right", "1.1.0")] == 1
+    unknown = await get(http, f"{base}right/-/right-7.0.0.tgz", accept="*/*")
+    assert unknown.status == 404 and unknown.json()["error"] == "not_found"
+
+
+async def test_dist_tags_say_x_cache(npm_proxy: NpmProxy, http: aiohttp.ClientSession) -> None:
+    tags = await get(http, f"{npm_proxy.registry()}-/package/right/dist-tags")
+    assert tags.status == 200
+    assert tags.headers.get("X-Cache") in {"HIT", "MISS", "STALE", "REVALIDATED"}
+
+
+@pytest.mark.parametrize("form", ["@acme%2futil", "@acme%2Futil", "@acme/util"])
+async def test_scoped_names_in_both_forms(
+    form: str, npm_proxy: NpmProxy, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    base = npm_proxy.registry()
+    entry = registry.versions("@acme/util")["1.0.0"]
+    tarball = f"{base}@acme/util/-/util-1.0.0.tgz"
+    for accept in (NPM_ACCEPT, FULL):
+        got = await get(http, base + form, accept=accept, raw=True)
+        assert got.status == 200, got.body
+        doc = got.json()
+        assert doc["name"] == "@acme/util"
+        dist = doc["versions"]["1.0.0"]["dist"]
+        assert dist["tarball"] == tarball
+        assert dist["integrity"] == entry.integrity and dist["shasum"] == entry.shasum
+    version = await get(http, f"{base}{form}/latest", raw=True)
+    assert version.status == 200 and version.json()["version"] == "1.0.0"
+    tags = await get(http, f"{base}-/package/{form}/dist-tags", raw=True)
+    assert tags.status == 200 and tags.json() == {"latest": "1.0.0"}
+    body = await get(http, f"{base}{form}/-/util-1.0.0.tgz", accept="*/*", raw=True)
+    assert body.status == 200 and body.body == await read_bytes(entry.path)
+    assert registry.hits[registry.packument_path("@acme/util")] == 1
+    assert registry.hits["/@acme/util/-/util-1.0.0.tgz"] == 1
+
+
+async def test_unknown_package_is_a_json_404(
+    npm_proxy: NpmProxy, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    for path in ("nosuch", "@acme%2fnosuch", "@nobody/nosuch", "nosuch/-/nosuch-1.0.0.tgz"):
+        got = await get(http, npm_proxy.registry() + path, accept=NPM_ACCEPT, raw=True)
+        assert got.status == 404, (path, got.body)
+        assert got.headers["Content-Type"].startswith("application/json")
+        assert got.json()["error"] == "not_found"
+    # The upstream's 404 is remembered briefly: asking again does not ask the upstream again.
+    await get(http, npm_proxy.registry() + "nosuch", accept=NPM_ACCEPT)
+    assert registry.hits["/nosuch"] == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "..%2f",
+        "..%2f..%2fetc%2fpasswd",
+        "%2e%2e",
+        "%2e%2e/%2e%2e/-/ping",
+        "@acme%2f..",
+        "@acme%2f..%2f..",
+        "left%2f..%2fright",
+        "Bad%20Name",
+        ".hidden",
+        "_private",
+        "@ACME/util",
+        "a%00b",
+        "x" * 215,
+        "-/package/Bad%20Name/dist-tags",
+        "left/-/..%2f..%2fleft-1.0.0.tgz",
+        "left/-/left-1.0.0.zip",
+    ],
+)
+async def test_invalid_names_and_paths_are_400(
+    path: str, npm_proxy: NpmProxy, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    got = await get(http, npm_proxy.registry() + path, raw=True)
+    assert got.status == 400, got.body
+    assert got.json()["error"] == "bad_request"
+    assert sum(registry.hits.values()) == 0  # nothing of it reached the upstream
+
+
+# --- upstream down, offline ---------------------------------------------------------------------
+
+
+async def test_npm_ci_with_upstream_down_and_offline(
+    npm_proxy_factory: NpmProxyFactory, registry: FakeNpmRegistry, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    proxy = await npm_proxy_factory(registry.url)
+    first = await write_project(tmp_path / "first", ROOT_DEPS)
+    run = await npm("install", cwd=first, registry=proxy.registry(), cache=tmp_path / "cache-1")
+    assert run.ok, run.output
+    lockfile = first / "package-lock.json"
+
+    await registry.stop_listening()
+    down = await write_project(tmp_path / "down", ROOT_DEPS, lockfile=lockfile)
+    run = await npm("ci", cwd=down, registry=proxy.registry(), cache=tmp_path / "cache-2")
+    assert run.ok, run.output
+    assert await installed(down) == INSTALLED
+    # What was never cached fails with a 502 naming the upstream, never a 404.
+    got = await get(http, proxy.registry() + "lonely", accept=NPM_ACCEPT)
+    assert got.status == 502
+    assert got.json()["error"] == "upstream_unavailable" and got.json()["upstream"] == UPSTREAM
+    lonely = await write_project(tmp_path / "lonely-down", {"lonely": "^1.0.0"})
+    run = await npm("install", cwd=lonely, registry=proxy.registry(), cache=tmp_path / "cache-3")
+    assert not run.ok
+    assert "502" in run.output and UPSTREAM in run.output and "Traceback" not in run.output
+
+    # Restarted offline on the same address (the lockfile's URLs), with the same data.
+    await proxy.stop()
+    offline = await npm_proxy_factory(registry.url, data_dir=proxy.data_dir, port=proxy.port, offline=True)
+    assert offline.url == proxy.url
+    await registry.resume_listening()  # offline mode must not use it even when it is there
+    before = sum(registry.hits.values())
+    ci = await write_project(tmp_path / "offline", ROOT_DEPS, lockfile=lockfile)
+    run = await npm("ci", cwd=ci, registry=offline.registry(), cache=tmp_path / "cache-4")
+    assert run.ok, run.output
+    assert await installed(ci) == INSTALLED
+    got = await get(http, offline.registry() + "lonely", accept=NPM_ACCEPT)
+    assert got.status == 503
+    assert got.json()["error"] == "offline" and got.json()["upstream"] == UPSTREAM
+    lonely = await write_project(tmp_path / "lonely-offline", {"lonely": "^1.0.0"})
+    run = await npm("install", cwd=lonely, registry=offline.registry(), cache=tmp_path / "cache-5")
+    assert not run.ok
+    assert "503" in run.output and "never cached" in run.output and "Traceback" not in run.output
+    assert sum(registry.hits.values()) == before
+
+
+async def test_stale_packument_offers_the_cached_versions_while_the_upstream_is_down(
+    npm_proxy_factory: NpmProxyFactory, registry: FakeNpmRegistry, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    proxy = await npm_proxy_factory(registry.url, upstream_metadata_ttl="1s")
+    url = proxy.registry() + "right"
+    fresh = await get(http, url, accept=NPM_ACCEPT)
+    assert fresh.status == 200 and set(fresh.json()["versions"]) == {"1.0.0", "1.1.0"}
+    cached = await get(http, proxy_tarball(proxy, registry, "right", "1.0.0"), accept="*/*")
+    assert cached.status == 200
+    await registry.stop_listening()
+    await asyncio.sleep(1.2)  # past metadata_ttl: the packument needs the (gone) upstream
+
+    stale = await get(http, url, accept=NPM_ACCEPT)
+    assert stale.status == 200
+    assert stale.headers["X-Cache"] == "STALE"
+    doc = stale.json()
+    # Only what can be installed is offered; latest falls back to the newest of it.
+    assert set(doc["versions"]) == {"1.0.0"} and doc["dist-tags"] == {"latest": "1.0.0"}
+    assert doc["versions"]["1.0.0"]["dist"]["integrity"] == registry.versions("right")["1.0.0"].integrity
+    project = await write_project(tmp_path / "project", {"right": "*"})
+    run = await npm("install", cwd=project, registry=proxy.registry(), cache=tmp_path / "cache")
+    assert run.ok, run.output
+    assert await installed(project) == {"right": "1.0.0"}
+
+
+async def test_stale_packument_says_why(
+    npm_proxy_factory: NpmProxyFactory, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    proxy = await npm_proxy_factory(registry.url, upstream_metadata_ttl="1s")
+    url = proxy.registry() + "right"
+    assert (await get(http, url, accept=NPM_ACCEPT)).status == 200
+    assert (await get(http, proxy_tarball(proxy, registry, "right", "1.1.0"), accept="*/*")).status == 200
+    await registry.stop_listening()
+    await asyncio.sleep(1.2)
+    stale = await get(http, url, accept=NPM_ACCEPT)
+    assert stale.status == 200 and stale.headers["X-Cache"] == "STALE"
+    assert UPSTREAM in stale.headers.get("X-Proxy-Warning", "")
+
+
+@pytest.mark.parametrize("outage", ["down", "offline"])
+async def test_stale_packument_without_cached_tarballs_names_the_upstream(
+    outage: str, npm_proxy_factory: NpmProxyFactory, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    proxy = await npm_proxy_factory(registry.url, upstream_metadata_ttl="1s")
+    url = proxy.registry() + "right"
+    assert (await get(http, url, accept=NPM_ACCEPT)).status == 200  # packument cached, no tarball
+    if outage == "down":
+        await registry.stop_listening()
+        expected = (502, "upstream_unavailable")
+    else:
+        await proxy.stop()
+        proxy = await npm_proxy_factory(registry.url, data_dir=proxy.data_dir, offline=True)
+        url = proxy.registry() + "right"
+        expected = (503, "offline")
+    await asyncio.sleep(1.2)  # past metadata_ttl
+    got = await get(http, url, accept=NPM_ACCEPT)
+    assert (got.status, got.json().get("error")) == expected, got.body
+    assert got.json()["upstream"] == UPSTREAM
+
+
+async def test_offline_packument_offers_only_cached_versions(
+    npm_proxy_factory: NpmProxyFactory, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    proxy = await npm_proxy_factory(registry.url)
+    assert (await get(http, proxy.registry() + "right", accept=NPM_ACCEPT)).status == 200
+    assert (await get(http, proxy_tarball(proxy, registry, "right", "1.0.0"), accept="*/*")).status == 200
+    await proxy.stop()
+    offline = await npm_proxy_factory(registry.url, data_dir=proxy.data_dir, offline=True)
+    got = await get(http, offline.registry() + "right", accept=NPM_ACCEPT)
+    assert got.status == 200
+    doc = got.json()
+    assert set(doc["versions"]) == {"1.0.0"} and doc["dist-tags"] == {"latest": "1.0.0"}
+
+
+# --- integrity and single-flight ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["wrong_bytes", "truncate"])
+async def test_bad_tarball_bytes_are_never_cached(
+    kind: FaultKind,
+    npm_proxy: NpmProxy,
+    registry: FakeNpmRegistry,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    # A raw client: the transfer breaks, nothing is kept, the next request gets the right bytes.
+    entry = registry.versions("right")["1.1.0"]
+    registry.faults[registry.tarball_path("right", "1.1.0")] = Fault(kind, times=1)
+    url = proxy_tarball(npm_proxy, registry, "right", "1.1.0")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(url) as resp:
+            await resp.read()
+    await asyncio.sleep(0.05)
+    assert await asset_rows(npm_proxy, "right", entry.filename) == []
+    assert await asyncio.to_thread(temp_files, npm_proxy.data_dir) == []
+    good = await get(http, url, accept="*/*")
+    assert good.status == 200 and sri(good.body) == entry.integrity
+    assert registry.hits[registry.tarball_path("right", "1.1.0")] == 2
+    assert len(await asset_rows(npm_proxy, "right", entry.filename)) == 1
+
+    # npm: the install fails cleanly, and succeeds once the upstream behaves.
+    left = registry.versions("left")["1.0.0"]
+    registry.faults[registry.tarball_path("left", "1.0.0")] = Fault(kind, times=1)
+    project = await write_project(tmp_path / "project", ROOT_DEPS)
+    run = await npm("install", cwd=project, registry=npm_proxy.registry(), cache=tmp_path / "cache-1")
+    assert not run.ok, run.output
+    assert "Traceback" not in run.output
+    assert "EINTEGRITY" not in run.output  # a broken transfer, never a complete-looking wrong file
+    assert await asset_rows(npm_proxy, "left", left.filename) == []
+    assert await asyncio.to_thread(temp_files, npm_proxy.data_dir) == []
+    run = await npm("install", cwd=project, registry=npm_proxy.registry(), cache=tmp_path / "cache-2")
+    assert run.ok, run.output
+    assert await installed(project) == INSTALLED
+    assert registry.hits[registry.tarball_path("left", "1.0.0")] == 2
+
+
+async def test_concurrent_misses_cause_one_upstream_fetch(
+    npm_proxy: NpmProxy, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    entry = registry.versions("@acme/util")["1.0.0"]
+    path = registry.tarball_path("@acme/util", "1.0.0")
+    # ~250 bytes in 32-byte chunks 50 ms apart: every request overlaps the one fetch.
+    registry.faults[path] = Fault("slow", chunk=32, delay=0.05)
+    url = proxy_tarball(npm_proxy, registry, "@acme/util", "1.0.0")
+    replies = await asyncio.gather(*(get(http, url, accept="*/*") for _ in range(20)))
+    assert {r.status for r in replies} == {200}
+    assert {r.headers["X-Cache"] for r in replies} == {"MISS"}  # all joined the download
+    assert {r.body for r in replies} == {await read_bytes(entry.path)}
+    assert sri(replies[0].body) == entry.integrity
+    assert registry.hits[path] == 1
+    assert registry.hits[registry.packument_path("@acme/util")] == 1
+    assert len(await asset_rows(npm_proxy, "@acme/util", entry.filename)) == 1
+
+
+# --- the chain ----------------------------------------------------------------------------------
+
+
+async def test_team_chain_serves_the_same_packages(
+    npm_proxy: NpmProxy, registry: FakeNpmRegistry, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    public = await write_project(tmp_path / "public", ROOT_DEPS)
+    run = await npm("install", cwd=public, registry=npm_proxy.registry("public"), cache=tmp_path / "cache-1")
+    assert run.ok, run.output
+
+    team = await write_project(tmp_path / "team", ROOT_DEPS)
+    run = await npm("install", cwd=team, registry=npm_proxy.registry("team"), cache=tmp_path / "cache-2")
+    assert run.ok, run.output
+    assert await installed(team) == INSTALLED
+    await check_lockfile(team, npm_proxy, registry, repo="team")
+    # team took the files public had cached (and keeps its own rows), asking the upstream nothing.
+    assert tarball_hits(registry) == dict.fromkeys(INSTALLED, 1)
+    for name, version in INSTALLED.items():
+        rows = await asset_rows(npm_proxy, name, registry.versions(name)[version].filename)
+        assert sorted(r[0] for r in rows) == ["public", "team"]
+
+    doc = (await get(http, npm_proxy.registry("team") + "@acme%2futil", accept=NPM_ACCEPT, raw=True)).json()
+    assert doc["versions"]["1.0.0"]["dist"]["tarball"] == proxy_tarball(
+        npm_proxy, registry, "@acme/util", "1.0.0", "team"
+    )
+
+
+# --- opt-in: the real public registry -----------------------------------------------------------
+
+
+@pytest.fixture
+async def live_npm_registry(tmp_path: Path) -> AsyncIterator[str]:
+    """The embedded default config (its npm upstream: the registry npm here uses) on a free port."""
+    overrides = Overrides(data_dir=tmp_path / "data", listen="127.0.0.1:0")
+    config = await asyncio.to_thread(load_config, overrides, os.environ)
+    if "npm" not in config.upstreams:
+        pytest.skip("; ".join(config.notes) or "the default config has no npm upstream here")
+    runner = web.AppRunner(build_app(config))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}/default/npm/public/"
+    await runner.cleanup()
+
+
+@pytest.mark.live
+@pytest.mark.skipif(
+    os.environ.get("ARTIFACT_PROXY_LIVE_TESTS") != "1",
+    reason="talks to the public npm registry; set ARTIFACT_PROXY_LIVE_TESTS=1 to run",
+)
+async def test_live_npm_install_through_the_default_config(live_npm_registry: str, tmp_path: Path) -> None:
+    project = await write_project(tmp_path / "live", {"is-number": "*", "@types/node": "20"})
+    run = await npm("install", cwd=project, registry=live_npm_registry, cache=tmp_path / "cache-1")
+    assert run.ok, run.output
+    found = await installed(project)
+    assert "is-number" in found and found["@types/node"].startswith("20.")
+    lock = await read_json(project / "package-lock.json")
+    assert lock["packages"]["node_modules/@types/node"]["resolved"].startswith(live_npm_registry)
+    again = await write_project(tmp_path / "again", {"is-number": "*", "@types/node": "20"})
+    run = await npm("install", cwd=again, registry=live_npm_registry, cache=tmp_path / "cache-2")
+    assert run.ok, run.output
