@@ -31,7 +31,7 @@ from proxy.config import Overrides, load_config, parse_config
 from proxy.observability import AccessLogger
 from tests.conftest import RunningProxy, index_rows, temp_files
 from tests.fakes.npm import ABBREVIATED, FakeNpmRegistry, Fault, FaultKind, build_tarball
-from tests.npm_clients import npm
+from tests.npm_clients import npm, npm_env
 
 FULL = "application/json"
 # What npm itself sends for packuments.
@@ -295,6 +295,65 @@ async def test_npm_install_cold_then_warm(
     assert {n: registry.hits[registry.packument_path(n)] for n in INSTALLED} == dict.fromkeys(INSTALLED, 1)
     assert registry.hits[registry.tarball_path("right", "1.0.0")] == 0
     await check_lockfile(warm, npm_proxy, registry)
+
+
+# --- pnpm and yarn (classic) -------------------------------------------------------------------
+
+# scripts/test installs both from the npm registry into .venv/node-tools (npm install --prefix).
+NODE_TOOLS = Path(
+    os.environ.get("ARTIFACT_PROXY_NODE_TOOLS", Path(__file__).parent.parent / ".venv" / "node-tools")
+)
+
+
+async def _tool(name: str) -> Path:
+    path = NODE_TOOLS / "node_modules" / ".bin" / name
+    if not await asyncio.to_thread(path.exists):
+        pytest.skip(f"{name} is not installed in {NODE_TOOLS} (scripts/test installs it)")
+    return path
+
+
+async def _run_tool(tool: Path, *args: str, cwd: Path, cache: Path) -> tuple[int, str]:
+    env = npm_env(cache)
+    proc = await asyncio.create_subprocess_exec(
+        str(tool), *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("client", ["pnpm", "yarn"])
+async def test_pnpm_and_yarn_install_cold_then_warm(
+    client: str, npm_proxy: NpmProxy, registry: FakeNpmRegistry, tmp_path: Path
+) -> None:
+    tool = await _tool(client)
+    for attempt in ("cold", "warm"):
+        project = await write_project(tmp_path / attempt, ROOT_DEPS)
+        cache = tmp_path / f"cache-{attempt}"
+        if client == "pnpm":
+            args = [
+                "install",
+                "--registry",
+                npm_proxy.registry(),
+                "--store-dir",
+                str(cache / "store"),
+                "--config.node-linker=hoisted",
+                "--reporter=append-only",
+            ]
+        else:
+            args = [
+                "install",
+                "--registry",
+                npm_proxy.registry(),
+                "--cache-folder",
+                str(cache / "yarn"),
+                "--non-interactive",
+                "--no-progress",
+            ]
+        code, output = await _run_tool(tool, *args, cwd=project, cache=cache)
+        assert code == 0, output
+        assert await installed(project) == INSTALLED
+        # Both runs together fetched each tarball from the upstream exactly once.
+        assert tarball_hits(registry) == dict.fromkeys(INSTALLED, 1)
 
 
 # --- the registry API ---------------------------------------------------------------------------
