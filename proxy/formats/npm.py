@@ -14,6 +14,8 @@ Routes below ``/{domain}/npm/{repo}`` (scoped names arrive as ``@scope%2fname`` 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -135,9 +137,15 @@ class NpmAdapter(FormatAdapter):
         status = "HIT"
         if page is None:
             resolved = await self.installable(ref, package)
-            body = docs.render(
-                package, resolved.listing, self._tarball_url(base, ref, package), abbreviated=abbreviated
+            render = functools.partial(
+                docs.render,
+                package,
+                resolved.listing,
+                self._tarball_url(base, ref, package),
+                abbreviated=abbreviated,
             )
+            # A packument with hundreds of versions takes milliseconds to render: off the loop.
+            body = await asyncio.to_thread(render) if len(resolved.listing.files) > 200 else render()
             headers: tuple[tuple[str, str], ...] = ()
             if resolved.warnings:
                 text = "; ".join(resolved.warnings).replace("\r", " ").replace("\n", " ")[:500]

@@ -41,6 +41,8 @@ log = logging.getLogger("proxy.resolve")
 
 # How soon a merged listing is looked at again when part of it is stale or failed.
 RETRY_SOON = 5.0
+# Documents bigger than this are parsed in a worker thread, so the event loop keeps serving.
+BIG_DOCUMENT = 512 * 1024
 HOSTED = ""  # the ``source`` of a listed file published in a repository of the chain
 
 
@@ -301,7 +303,12 @@ class Resolver:
         )
         parsed = self._hot.listing(key)
         if parsed is None:
-            parsed = adapter.parse_listing(row.body, row.content_type, row.url, client.name)
+            if len(row.body) > BIG_DOCUMENT:  # tens of MB for the biggest npm packuments
+                parsed = await asyncio.to_thread(
+                    adapter.parse_listing, row.body, row.content_type, row.url, client.name
+                )
+            else:
+                parsed = adapter.parse_listing(row.body, row.content_type, row.url, client.name)
             self._hot.remember_listing(key, parsed)
         out.listings.append(parsed)
         out.statuses.append(doc.status)
