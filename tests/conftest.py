@@ -102,10 +102,15 @@ class RunningProxy:
         await self.runner.cleanup()
 
 
-def proxy_config(data_dir: Path, upstream_url: str, **server: Any) -> dict[str, Any]:
-    """A config document with one fake upstream; ``server`` and ``upstream_*`` keys override."""
+def proxy_config(
+    data_dir: Path, upstream_url: str, *, fmt: str = "pypi", connection: str = "fake", **server: Any
+) -> dict[str, Any]:
+    """A config with one upstream connection behind ``public`` and the chain ``team`` → ``public``.
+
+    ``server`` keys go to [server]; ``upstream_*`` keys go to the connection.
+    """
     upstream: dict[str, Any] = {
-        "format": "pypi",
+        "format": fmt,
         "url": upstream_url,
         "metadata_ttl": "10m",
         "connect_timeout": "2s",
@@ -118,17 +123,28 @@ def proxy_config(data_dir: Path, upstream_url: str, **server: Any) -> dict[str, 
             upstream[key.removeprefix("upstream_")] = server.pop(key)
     return {
         "server": {"data_dir": str(data_dir), "soft_deadline": "2s", **server},
-        "upstreams": {"fake": upstream},
+        "upstreams": {connection: upstream},
         "domains": [
             {
                 "name": "default",
                 "repositories": [
-                    {"name": "public", "upstreams": ["fake"]},
+                    {"name": "public", "upstreams": [connection]},
                     {"name": "team", "upstreams": ["public"]},
                 ],
             }
         ],
     }
+
+
+async def serve_config(raw: dict[str, Any], *, port: int = 0) -> tuple[Config, web.AppRunner, str]:
+    """The real application for a config document, served on 127.0.0.1 by this event loop."""
+    config = parse_config(raw, Overrides(), os.environ)
+    runner = web.AppRunner(build_app(config), access_log_class=AccessLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    host, bound = runner.addresses[0][:2]
+    return config, runner, f"http://{host}:{bound}"
 
 
 ProxyFactory = Callable[..., Awaitable[RunningProxy]]
@@ -141,19 +157,15 @@ async def proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
 
     async def start(upstream_url: str, *, data_dir: Path | None = None, **server: Any) -> RunningProxy:
         raw = proxy_config(data_dir or tmp_path / "data", upstream_url, **server)
-        config = parse_config(raw, Overrides(), os.environ)
-        runner = web.AppRunner(build_app(config), access_log_class=AccessLogger)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        proxy = RunningProxy(url=f"http://{host}:{port}", config=config, runner=runner)
+        config, runner, url = await serve_config(raw)
+        proxy = RunningProxy(url=url, config=config, runner=runner)
         started.append(proxy)
         return proxy
 
     yield start
     for proxy in reversed(started):
-        await proxy.stop()
+        if proxy.runner.server is not None:
+            await proxy.stop()
 
 
 @pytest.fixture

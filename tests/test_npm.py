@@ -27,9 +27,8 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.app import build_app
-from proxy.config import Overrides, load_config, parse_config
-from proxy.observability import AccessLogger
-from tests.conftest import RunningProxy, index_rows, temp_files
+from proxy.config import Overrides, load_config
+from tests.conftest import RunningProxy, index_rows, proxy_config, serve_config, temp_files
 from tests.fakes.npm import ABBREVIATED, FakeNpmRegistry, Fault, FaultKind, build_tarball
 from tests.npm_clients import npm, npm_env
 
@@ -108,35 +107,6 @@ class NpmProxy(RunningProxy):
         return int(URL(self.url).port or 0)
 
 
-def npm_proxy_config(data_dir: Path, upstream_url: str, **server: Any) -> dict[str, Any]:
-    """A config document with one npm connection; ``upstream_*`` keys go to the connection."""
-    upstream: dict[str, Any] = {
-        "format": "npm",
-        "url": upstream_url,
-        "metadata_ttl": "10m",
-        "connect_timeout": "2s",
-        "read_timeout": "5s",
-        "metadata_timeout": "5s",
-        "retries": 1,
-    }
-    for key in list(server):
-        if key.startswith("upstream_"):
-            upstream[key.removeprefix("upstream_")] = server.pop(key)
-    return {
-        "server": {"data_dir": str(data_dir), "soft_deadline": "2s", **server},
-        "upstreams": {UPSTREAM: upstream},
-        "domains": [
-            {
-                "name": "default",
-                "repositories": [
-                    {"name": "public", "upstreams": [UPSTREAM]},
-                    {"name": "team", "upstreams": ["public"]},
-                ],
-            }
-        ],
-    }
-
-
 NpmProxyFactory = Callable[..., Awaitable[NpmProxy]]
 
 
@@ -148,14 +118,11 @@ async def npm_proxy_factory(tmp_path: Path) -> AsyncIterator[NpmProxyFactory]:
     async def start(
         upstream_url: str, *, data_dir: Path | None = None, port: int = 0, **server: Any
     ) -> NpmProxy:
-        raw = npm_proxy_config(data_dir or tmp_path / "data", upstream_url, **server)
-        config = parse_config(raw, Overrides(), os.environ)
-        runner = web.AppRunner(build_app(config), access_log_class=AccessLogger)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", port)
-        await site.start()
-        host, bound = runner.addresses[0][:2]
-        proxy = NpmProxy(url=f"http://{host}:{bound}", config=config, runner=runner)
+        raw = proxy_config(
+            data_dir or tmp_path / "data", upstream_url, fmt="npm", connection=UPSTREAM, **server
+        )
+        config, runner, url = await serve_config(raw, port=port)
+        proxy = NpmProxy(url=url, config=config, runner=runner)
         started.append(proxy)
         return proxy
 

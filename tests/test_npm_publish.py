@@ -6,7 +6,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import PIPELINE, build_app
-from proxy.config import Overrides, parse_config
+from proxy.app import PIPELINE
 from proxy.model import RepoRef
 from proxy.storage.catalog import OriginRule
-from tests.conftest import temp_files
+from tests.conftest import proxy_config, serve_config, temp_files
 from tests.fakes.npm import FakeNpmRegistry, build_tarball
 from tests.npm_clients import npm
 
@@ -45,26 +43,9 @@ async def upstream() -> AsyncIterator[FakeNpmRegistry]:
 
 @pytest.fixture
 async def registry(tmp_path: Path, upstream: FakeNpmRegistry) -> AsyncIterator[Registry]:
-    raw = {
-        "server": {"data_dir": str(tmp_path / "data")},
-        "upstreams": {"npmfake": {"format": "npm", "url": upstream.url, "retries": 0}},
-        "domains": [
-            {
-                "name": "default",
-                "repositories": [
-                    {"name": "public", "upstreams": ["npmfake"]},
-                    {"name": "team", "upstreams": ["public"]},
-                ],
-            }
-        ],
-    }
-    config = parse_config(raw, Overrides(), os.environ)
-    runner = web.AppRunner(build_app(config))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield Registry(f"http://{host}:{port}", runner, tmp_path / "data")
+    raw = proxy_config(tmp_path / "data", upstream.url, fmt="npm", connection="npmfake", upstream_retries=0)
+    _, runner, url = await serve_config(raw)
+    yield Registry(url, runner, tmp_path / "data")
     await runner.cleanup()
 
 

@@ -16,6 +16,7 @@ import hashlib
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -80,19 +81,11 @@ class PyPIAdapter(FormatAdapter):
     def hosted_file(
         self, record: AssetRecord, attributes: Mapping[str, Any], *, hidden: bool, upload_time: str
     ) -> ListedFile:
-        extra: dict[str, Any] = {"yanked": False, "upload_time": upload_time}
+        entry = super().hosted_file(record, attributes, hidden=hidden, upload_time=upload_time)
+        extra: dict[str, Any] = {**entry.extra, "yanked": False}
         if attributes.get("requires_python"):
             extra["requires_python"] = attributes["requires_python"]
-        return ListedFile(
-            filename=record.filename,
-            url="",
-            source="",
-            hashes={"sha256": record.digest.hex},
-            version=record.version,
-            size=record.size,
-            hidden=hidden or self.is_companion(record.filename),
-            extra=extra,
-        )
+        return replace(entry, extra=extra)
 
     def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
         """PEP 658 metadata from a cached wheel whose upstream declared none."""
