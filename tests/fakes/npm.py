@@ -26,13 +26,13 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from tests.fakes.pypi import Fault, FaultKind
+from tests.fakes.server import FakeServer
 from tests.npm_clients import npm_env
 
 __all__ = ["ABBREVIATED", "FakeNpmRegistry", "Fault", "FaultKind", "NpmVersion", "build_tarball", "pack_name"]
@@ -159,7 +159,7 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
     )
 
 
-class FakeNpmRegistry:
+class FakeNpmRegistry(FakeServer):
     """An in-process fake npm registry with fault injection.
 
     Use as ``async with FakeNpmRegistry() as registry:``, publish with :meth:`add_version` (or
@@ -168,75 +168,13 @@ class FakeNpmRegistry:
     """
 
     def __init__(self, *, host: str = "127.0.0.1") -> None:
-        self.host = host
+        super().__init__(host)
         self.hits: collections.Counter[str] = collections.Counter()
         self.faults: dict[str, Fault] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []  # (raw path, headers) in order
         self._packages: dict[str, dict[str, NpmVersion]] = {}
         self._created: dict[str, str] = {}
         self._modified: dict[str, str] = {}
-        self._port: int | None = None
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self._closing = asyncio.Event()
-
-    # ----------------------------------------------------------------- lifecycle
-
-    async def start(self) -> None:
-        self._closing = asyncio.Event()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._entry)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, 0)
-        await self._site.start()
-        self._port = int(self._runner.addresses[0][1])
-
-    async def close(self) -> None:
-        self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-            self._site = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def stop_listening(self) -> None:
-        """Close the listening socket and drop open connections (a crashed registry)."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        if self._runner is not None and self._runner.server is not None:
-            for handler in list(self._runner.server.connections):
-                handler.force_close()
-
-    async def resume_listening(self) -> None:
-        """Listen again on the same port, so configured URLs keep working."""
-        if self._runner is None or self._port is None:
-            raise RuntimeError("FakeNpmRegistry was never started")
-        if self._site is None:
-            self._site = web.TCPSite(self._runner, self.host, self._port)
-            await self._site.start()
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("FakeNpmRegistry not started")
-        return self._port
-
-    @property
-    def origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:

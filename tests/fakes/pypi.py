@@ -26,12 +26,12 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from aiohttp import web
 
 from tests.fakes.dists import sha256_file, wheel_metadata
+from tests.fakes.server import FakeServer
 
 __all__ = ["FakeFile", "FakePyPI", "Fault", "FaultKind", "normalize"]
 
@@ -208,7 +208,7 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
     return False
 
 
-class FakePyPI:
+class FakePyPI(FakeServer):
     """An in-process fake package index with fault injection.
 
     Use as ``async with FakePyPI() as pypi:`` (or ``start()``/``close()``),
@@ -219,86 +219,13 @@ class FakePyPI:
 
     def __init__(self, *, html_only: bool = False, host: str = "127.0.0.1") -> None:
         self.html_only = html_only
-        self.host = host
+        super().__init__(host)
         self.hits: collections.Counter[str] = collections.Counter()
         self.serial: dict[str, int] = {}
         self.faults: dict[str, Fault] = {}
         self._projects: dict[str, _Project] = {}
         self._files: dict[str, FakeFile] = {}
         self._serial_counter = 1000
-        self._port: int | None = None
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self._closing = asyncio.Event()
-
-    # ----------------------------------------------------------------- lifecycle
-
-    async def start(self) -> None:
-        """Bind an ephemeral port on the host and begin serving."""
-        self._closing = asyncio.Event()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._entry)
-        # handler_cancellation: a client that hangs up mid-download cancels
-        # our streaming handler, like a real server would stop sending.
-        # A short shutdown_timeout keeps teardown fast with stalled requests.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, 0)
-        await self._site.start()
-        self._port = int(self._runner.addresses[0][1])
-
-    async def close(self) -> None:
-        """Stop serving; wakes stalled/slow handlers so teardown is quick."""
-        self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-            self._site = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def stop_listening(self) -> None:
-        """Close the listening socket and drop open connections.
-
-        New connections are then refused by the OS, and pooled keep-alive
-        connections die too, which is what a crashed upstream looks like.
-        """
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        if self._runner is not None and self._runner.server is not None:
-            for handler in list(self._runner.server.connections):
-                handler.force_close()
-
-    async def resume_listening(self) -> None:
-        """Listen again on the same port, so configured URLs keep working."""
-        if self._runner is None or self._port is None:
-            raise RuntimeError("FakePyPI was never started")
-        if self._site is None:
-            self._site = web.TCPSite(self._runner, self.host, self._port)
-            await self._site.start()
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port; only valid after :meth:`start`."""
-        if self._port is None:
-            raise RuntimeError("FakePyPI not started")
-        return self._port
-
-    @property
-    def origin(self) -> str:
-        """Scheme, host and port, e.g. ``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
