@@ -83,7 +83,7 @@ def build_services(
     index = Index(data_dir / "index.sqlite3")
     blobs = LocalBlobStore(data_dir / "blobs")
     staging = StagingArea(data_dir / "tmp")
-    hot = HotCache(config.server.hot_cache_entries)
+    hot = HotCache(config.server.hot_cache_entries, config.server.memory_cache_size)
     clients = {name: UpstreamClient(up) for name, up in config.upstreams.items()} if upstreams else {}
     flights = FlightGroup()
     documents = DocumentCache(index, config.server)

@@ -115,6 +115,7 @@ class ServerConfig:
     max_upload_size: int = 2**30
     asset_timeout: float = 3600.0
     hot_cache_entries: int = 4096
+    memory_cache_size: int = 128 * 2**20
     shutdown_timeout: float = 30.0
 
 
@@ -384,7 +385,7 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         "asset_timeout",
         "shutdown_timeout",
     }
-    sizes = {"max_metadata_size", "max_asset_size", "max_upload_size"}
+    sizes = {"max_metadata_size", "max_asset_size", "max_upload_size", "memory_cache_size"}
     plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries"}
     _only_keys(raw, p, durations | sizes | plain)
     listen = overrides.listen or _get(raw, "listen", p, str, f"{d.host}:{d.port}")

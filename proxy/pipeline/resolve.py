@@ -309,7 +309,7 @@ class Resolver:
                 )
             else:
                 parsed = adapter.parse_listing(row.body, row.content_type, row.url, client.name)
-            self._hot.remember_listing(key, parsed)
+            self._hot.remember_listing(key, parsed, len(row.body))
         out.listings.append(parsed)
         out.statuses.append(doc.status)
         if doc.status is CacheStatus.STALE:

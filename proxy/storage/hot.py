@@ -1,14 +1,17 @@
 """The in-memory layer in front of the index: bounded, and invalidated on every write.
 
 Cache hits must not touch SQLite: a warm simple page or a cached wheel is answered from here
-plus one ``sendfile``. Every entry is bounded by count (``cachetools.LRUCache``); rendered
-pages also carry their own expiry (the earliest expiry of the documents they were built from).
+plus one ``sendfile``. Asset rows are bounded by count; parsed listings and rendered pages by
+bytes (``server.memory_cache_size``, split between them), because one npm packument can weigh
+tens of megabytes and memory must not grow with payload sizes. Rendered pages also carry their
+own expiry (the earliest expiry of the documents they were built from).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +21,8 @@ from proxy.model import AssetRecord, Listing, RepoRef
 
 AssetKey = tuple[RepoRef, str, str, str]  # repository, format, package, filename
 PackageKey = tuple[str, str, str]  # domain, format, package
+PageKey = tuple[PackageKey, Hashable]  # package, variant (repository, media type, base URL)
+ENTRY_OVERHEAD = 512  # bytes counted per entry besides its payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,16 +37,42 @@ class RenderedPage:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class _SizedListing:
+    listing: Listing
+    size: int
+
+
+class _EvictingLRU(LRUCache[Any, Any]):
+    """An LRU that reports evictions, so a side index of its keys stays true."""
+
+    def __init__(
+        self, maxsize: int, getsizeof: Callable[[Any], int], on_evict: Callable[[Any], None]
+    ) -> None:
+        super().__init__(maxsize=maxsize, getsizeof=getsizeof)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Any, Any]:
+        key, value = super().popitem()
+        self._on_evict(key)
+        return key, value
+
+
 class HotCache:
     """Bounded LRU caches for asset rows, parsed listings and rendered pages."""
 
-    def __init__(self, entries: int) -> None:
+    def __init__(self, entries: int, memory_bytes: int = 128 * 2**20) -> None:
         self._assets: LRUCache[AssetKey, AssetRecord] = LRUCache(maxsize=entries)
-        self._listings: LRUCache[Hashable, Listing] = LRUCache(maxsize=max(16, entries // 8))
-        # Pages are grouped by package so one asset write invalidates every variant of it.
-        self._pages: LRUCache[PackageKey, dict[Hashable, RenderedPage]] = LRUCache(
-            maxsize=max(16, entries // 4)
+        self._listings: LRUCache[Hashable, _SizedListing] = LRUCache(
+            maxsize=max(1, memory_bytes // 2), getsizeof=lambda item: item.size + ENTRY_OVERHEAD
         )
+        self._pages = _EvictingLRU(
+            max(1, memory_bytes // 2),
+            getsizeof=lambda page: len(page.body) + ENTRY_OVERHEAD,
+            on_evict=self._page_evicted,
+        )
+        # Variants by package, so one asset write invalidates every rendering of the package.
+        self._variants: dict[PackageKey, set[Hashable]] = {}
 
     # asset rows
     def asset(self, key: AssetKey) -> AssetRecord | None:
@@ -61,46 +92,57 @@ class HotCache:
         """Forget everything (another process changed the index)."""
         self._assets.clear()
         self._listings.clear()
-        self._pages.clear()
+        self.clear_pages()
 
     # parsed listings, keyed by the identity of the document they were parsed from
     def listing(self, key: Hashable) -> Listing | None:
-        return self._listings.get(key)
+        found = self._listings.get(key)
+        return found.listing if found is not None else None
 
-    def remember_listing(self, key: Hashable, listing: Listing) -> None:
-        self._listings[key] = listing
+    def remember_listing(self, key: Hashable, listing: Listing, size: int) -> None:
+        """Keep a parsed listing; ``size`` is the byte size of the document it came from."""
+        with contextlib.suppress(ValueError):  # larger than the whole budget: not kept
+            self._listings[key] = _SizedListing(listing, size)
 
     # rendered pages
     def page(self, package: PackageKey, variant: Hashable) -> RenderedPage | None:
-        group = self._pages.get(package)
-        if group is None:
-            return None
-        page = group.get(variant)
+        page: RenderedPage | None = self._pages.get((package, variant))
         if page is None:
             return None
         if page.expires_at <= time.time():
-            group.pop(variant, None)
+            self._pages.pop((package, variant), None)
+            self._variants.get(package, set()).discard(variant)
             return None
         return page
 
     def remember_page(self, package: PackageKey, variant: Hashable, page: RenderedPage) -> None:
-        group = self._pages.get(package)
-        if group is None:
-            group = {}
-            self._pages[package] = group
-        if len(group) > 64:  # variants are few (repo x content type x host); keep it so
-            group.clear()
-        group[variant] = page
+        try:
+            self._pages[(package, variant)] = page
+        except ValueError:  # larger than the whole budget: served, not kept
+            return
+        self._variants.setdefault(package, set()).add(variant)
 
     def invalidate_package(self, package: PackageKey) -> None:
-        self._pages.pop(package, None)
+        for variant in self._variants.pop(package, set()):
+            self._pages.pop((package, variant), None)
 
     def clear_pages(self) -> None:
         self._pages.clear()
+        self._variants.clear()
+
+    def _page_evicted(self, key: PageKey) -> None:
+        package, variant = key
+        variants = self._variants.get(package)
+        if variants is not None:
+            variants.discard(variant)
+            if not variants:
+                del self._variants[package]
 
     def stats(self) -> dict[str, Any]:
         return {
             "assets": len(self._assets),
             "listings": len(self._listings),
+            "listing_bytes": self._listings.currsize,
             "pages": len(self._pages),
+            "page_bytes": self._pages.currsize,
         }
