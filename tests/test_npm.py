@@ -722,3 +722,30 @@ async def test_live_npm_install_through_the_default_config(live_npm_registry: st
     again = await write_project(tmp_path / "again", {"is-number": "*", "@types/node": "20"})
     run = await npm("install", cwd=again, registry=live_npm_registry, cache=tmp_path / "cache-2")
     assert run.ok, run.output
+
+
+# --- pass-through calls ---------------------------------------------------------------------------
+
+
+async def test_audit_and_search_are_passed_to_the_upstream_without_client_credentials(
+    npm_proxy_factory: NpmProxyFactory, registry: FakeNpmRegistry, http: aiohttp.ClientSession
+) -> None:
+    proxy = await npm_proxy_factory(registry.url)
+    audit = proxy.registry() + "-/npm/v1/security/advisories/bulk"
+    async with http.post(audit, json={"left": ["1.0.0"]}, headers={"Authorization": "Bearer secret"}) as resp:
+        assert resp.status == 405  # the fake has no audit endpoint: its own answer comes back
+        assert resp.headers["X-Cache"] == "MISS"
+    path, headers = registry.requests[-1]
+    assert path == "/-/npm/v1/security/advisories/bulk"
+    assert "Authorization" not in headers
+    async with http.get(proxy.registry() + "-/v1/search?text=left") as resp:
+        assert resp.status == 404
+    assert registry.requests[-1][0] == "/-/v1/search"
+    await proxy.stop()
+
+    offline = await npm_proxy_factory(registry.url, data_dir=proxy.data_dir, offline=True)
+    before = len(registry.requests)
+    async with http.post(offline.registry() + "-/npm/v1/security/advisories/bulk", json={}) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"] == "offline"
+    assert len(registry.requests) == before
