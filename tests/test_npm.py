@@ -749,3 +749,22 @@ async def test_audit_and_search_are_passed_to_the_upstream_without_client_creden
         assert resp.status == 503
         assert (await resp.json())["error"] == "offline"
     assert len(registry.requests) == before
+
+
+async def test_big_packuments_go_out_gzipped_to_clients_that_take_it(
+    npm_proxy: NpmProxy, registry: FakeNpmRegistry, npm_tarballs: dict[tuple[str, str], Path]
+) -> None:
+    tarball = npm_tarballs[("left", "1.0.0")]
+    for i in range(400):  # a packument of a few hundred versions: tens of kilobytes
+        await registry.add_version_async("manyver", tarball, version=f"1.0.{i}")
+    url = npm_proxy.registry() + "manyver"
+    async with aiohttp.ClientSession() as client:  # decompresses, as npm does
+        async with client.get(url, headers={"Accept-Encoding": "gzip"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Encoding"] == "gzip"
+            zipped = await resp.json()
+        async with client.get(url, headers={"Accept-Encoding": "identity"}) as resp:
+            assert "Content-Encoding" not in resp.headers
+            plain = await resp.json()
+    assert zipped == plain
+    assert len(plain["versions"]) == 400

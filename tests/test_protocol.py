@@ -48,7 +48,7 @@ async def test_content_negotiation(
     async with http.get(proxy.simple() + "alpha/" + query, headers=headers) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith(expected)
-        assert resp.headers["Vary"] == "Accept"
+        assert resp.headers["Vary"] == "Accept, Accept-Encoding"
 
 
 async def test_unacceptable_media_type_is_406(proxy: RunningProxy, http: aiohttp.ClientSession) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -32,6 +31,7 @@ from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.model import AssetRecord, CacheStatus, ListedFile, Listing, RepoRef
 from proxy.pipeline.documents import DocumentRequest
 from proxy.pipeline.resolve import ResolvedListing
+from proxy.server.pages import build_page, cached_page, page_response
 from proxy.server.routing import base_url, repo_ref
 from proxy.storage.hot import RenderedPage
 
@@ -131,13 +131,10 @@ class NpmAdapter(FormatAdapter):
         abbreviated = docs.ABBREVIATED in request.headers.get(hdrs.ACCEPT, "")
         kind = docs.ABBREVIATED if abbreviated else docs.FULL
         base = base_url(request, self.pipeline.config.server)
-        group = (ref.domain, self.name, package)
-        variant = (ref.repository, kind, base)
-        page = self.pipeline.hot.page(group, variant)
-        status = "HIT"
-        if page is None:
+
+        async def render() -> RenderedPage:
             resolved = await self.installable(ref, package)
-            render = functools.partial(
+            draw = functools.partial(
                 docs.render,
                 package,
                 resolved.listing,
@@ -145,32 +142,13 @@ class NpmAdapter(FormatAdapter):
                 abbreviated=abbreviated,
             )
             # A packument with hundreds of versions takes milliseconds to render: off the loop.
-            body = await asyncio.to_thread(render) if len(resolved.listing.files) > 200 else render()
-            headers: tuple[tuple[str, str], ...] = ()
-            if resolved.warnings:
-                text = "; ".join(resolved.warnings).replace("\r", " ").replace("\n", " ")[:500]
-                headers = (("X-Proxy-Warning", text),)
-            page = RenderedPage(
-                body=body,
-                content_type=kind,
-                etag=f'"{hashlib.sha256(body).hexdigest()[:40]}"',
-                cache_status=resolved.status.value,
-                expires_at=resolved.expires_at,
-                headers=headers,
-            )
-            if page.cache_status != "STALE":
-                self.pipeline.hot.remember_page(group, variant, page)
-            status = page.cache_status
-        if request.headers.get(hdrs.IF_NONE_MATCH) == page.etag:
-            response = web.Response(status=304)
-        else:
-            response = web.Response(body=page.body, headers={hdrs.CONTENT_TYPE: page.content_type})
-        response.headers[hdrs.ETAG] = page.etag
-        response.headers[hdrs.VARY] = "Accept"
-        response.headers["X-Cache"] = status
-        for name, value in page.headers:
-            response.headers[name] = value
-        return response
+            body = await asyncio.to_thread(draw) if len(resolved.listing.files) > 200 else draw()
+            return await build_page(resolved, body, kind)
+
+        page, status = await cached_page(
+            self.pipeline.hot, (ref.domain, self.name, package), (ref.repository, kind, base), render
+        )
+        return page_response(request, page, status)
 
     async def installable(self, ref: RepoRef, package: str) -> ResolvedListing:
         """The merged listing; with the upstream unreachable (or offline), only what is cached.

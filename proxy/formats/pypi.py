@@ -12,7 +12,6 @@ Routes below ``/{domain}/pypi/{repo}``::
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.formats.pypi_upload import read_upload
 from proxy.model import AssetRecord, ListedFile, Listing
 from proxy.pipeline.documents import DocumentRequest
+from proxy.server.pages import build_page, cached_page, page_response
 from proxy.server.routing import base_url, repo_ref
 from proxy.storage.hot import RenderedPage
 
@@ -128,28 +128,13 @@ class PyPIAdapter(FormatAdapter):
             raise web.HTTPMovedPermanently(location=_with_query(target, request))
         kind = self._negotiate(request)
         base = base_url(request, self.pipeline.config.server)
-        group = (ref.domain, self.name, package)
-        variant = (ref.repository, kind, base)
-        page = self.pipeline.hot.page(group, variant)
-        if page is None:
-            page = await self._render(request, package, kind, base)
-            if page.cache_status != "STALE":  # a stale page is re-rendered until a refresh lands
-                self.pipeline.hot.remember_page(group, variant, page)
-            status = page.cache_status
-        else:
-            status = "HIT"
-        if _etag_matches(request, page.etag):
-            response = web.Response(status=304)
-        else:
-            response = web.Response(body=page.body)
-            response.headers[hdrs.CONTENT_TYPE] = page.content_type
-        response.headers[hdrs.ETAG] = page.etag
-        response.headers[hdrs.VARY] = "Accept"
-        response.headers["X-Cache"] = status
-        response.headers[hdrs.CACHE_CONTROL] = "max-age=0, must-revalidate"
-        for name, value in page.headers:
-            response.headers[name] = value
-        return response
+        page, status = await cached_page(
+            self.pipeline.hot,
+            (ref.domain, self.name, package),
+            (ref.repository, kind, base),
+            lambda: self._render(request, package, kind, base),
+        )
+        return page_response(request, page, status)
 
     async def _render(self, request: web.Request, package: str, kind: str, base: str) -> RenderedPage:
         ref = repo_ref(request)
@@ -163,18 +148,7 @@ class PyPIAdapter(FormatAdapter):
             body = simple.render_json(package, resolved.listing, urls, sizes, derived)
         else:
             body = simple.render_html(package, resolved.listing, urls, derived)
-        headers: tuple[tuple[str, str], ...] = ()
-        if resolved.warnings:
-            text = "; ".join(resolved.warnings).replace("\r", " ").replace("\n", " ")[:500]
-            headers = (("X-Proxy-Warning", text),)
-        return RenderedPage(
-            body=body,
-            content_type=_media(kind),
-            etag=f'"{hashlib.sha256(body).hexdigest()[:40]}"',
-            cache_status=resolved.status.value,
-            expires_at=resolved.expires_at,
-            headers=headers,
-        )
+        return await build_page(resolved, body, _media(kind))
 
     async def file(self, request: web.Request) -> web.StreamResponse:
         ref = repo_ref(request)
@@ -221,11 +195,3 @@ def _media(kind: str) -> str:
 
 def _with_query(path: str, request: web.Request) -> str:
     return f"{path}?{request.query_string}" if request.query_string else path
-
-
-def _etag_matches(request: web.Request, etag: str) -> bool:
-    header = request.headers.get(hdrs.IF_NONE_MATCH)
-    if not header:
-        return False
-    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
-    return "*" in tags or etag in tags

@@ -35,6 +35,7 @@ class RenderedPage:
     cache_status: str
     expires_at: float
     headers: tuple[tuple[str, str], ...] = ()
+    gzip_body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class HotCache:
         )
         self._pages = _EvictingLRU(
             max(1, memory_bytes // 2),
-            getsizeof=lambda page: len(page.body) + ENTRY_OVERHEAD,
+            getsizeof=lambda page: len(page.body) + len(page.gzip_body or b"") + ENTRY_OVERHEAD,
             on_evict=self._page_evicted,
         )
         # Variants by package, so one asset write invalidates every rendering of the package.
