@@ -335,7 +335,8 @@ async def test_abbreviated_and_full_packuments(
     assert abbreviated.headers["Content-Type"].startswith(ABBREVIATED)
     assert abbreviated.headers["X-Cache"] == "MISS"
     short = abbreviated.json()
-    assert "time" not in short and "readme" not in short
+    assert "readme" not in short
+    assert short["time"]["1.0.0"] == "2024-01-04T00:00:00.000Z"  # kept for age-gating clients
     assert short["name"] == "left"
     assert short["dist-tags"] == {"latest": "1.0.0"}
     assert set(short["versions"]) == {"0.9.0", "1.0.0"}

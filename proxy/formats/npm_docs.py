@@ -155,6 +155,9 @@ def render(
         doc: dict[str, Any] = {"name": name, "dist-tags": tags, "versions": versions}
         if "modified" in times:
             doc["modified"] = times["modified"]
+        # Publish times, one short string per version: what age-gating clients (pnpm's
+        # minimumReleaseAge, yarn's npmMinimalAgeGate) need, without the full document.
+        doc["time"] = kept_times
         return orjson.dumps(doc)
     meta = dict(listing.extra.get("meta") or {})
     doc = {"_id": name, **meta, "name": name, "dist-tags": tags, "versions": versions, "time": kept_times}
