@@ -46,7 +46,6 @@ _ABBREVIATED_FIELDS = (
     "os",
     "libc",
     "funding",
-    "license",
     "_hasShrinkwrap",
     "hasInstallScript",
 )
