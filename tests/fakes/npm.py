@@ -31,8 +31,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from tests.fakes.pypi import Fault, FaultKind
-from tests.fakes.server import FakeServer
+from tests.fakes.server import BODY_FAULTS, FakeServer, Fault, FaultKind, Reply
 from tests.npm_clients import npm_env
 
 __all__ = ["ABBREVIATED", "FakeNpmRegistry", "Fault", "FaultKind", "NpmVersion", "build_tarball", "pack_name"]
@@ -40,8 +39,6 @@ __all__ = ["ABBREVIATED", "FakeNpmRegistry", "Fault", "FaultKind", "NpmVersion",
 ABBREVIATED = "application/vnd.npm.install-v1+json"
 FULL = "application/json"
 
-_READ_CHUNK = 64 * 1024
-_BODY_FAULTS = frozenset({"truncate", "wrong_bytes", "slow"})
 _NAME = r"[a-z0-9~][a-z0-9._~-]*"
 # Raw (still percent-encoded) paths; scoped names come as "@scope%2fname" or "@scope/name".
 _PACKUMENT_RE = re.compile(rf"/((?:@{_NAME}(?:%2[fF]|/))?{_NAME})")
@@ -119,24 +116,11 @@ class NpmVersion:
         return base64.b64decode(self.integrity.removeprefix("sha512-")).hex()
 
 
-@dataclass
-class _Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes | NpmVersion = b""
-
-
 def _inspect(path: Path) -> tuple[str, str, int]:
     """(sha1 hex, sha512 SRI, size) of a file; blocking I/O."""
     data = path.read_bytes()
     sri = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
     return hashlib.sha1(data).hexdigest(), sri, len(data)  # npm's shasum is SHA-1
-
-
-def _read_range(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        return fh.read(size)
 
 
 def _now_iso() -> str:
@@ -311,17 +295,17 @@ class FakeNpmRegistry(FakeServer):
 
     # ------------------------------------------------------------------- routing
 
-    def _route(self, request: web.Request, raw: str) -> _Reply:
+    def _route(self, request: web.Request, raw: str) -> Reply:
         if request.method not in ("GET", "HEAD"):
-            return _Reply(405, {"Allow": "GET, HEAD"}, b'{"error":"Method not allowed"}')
+            return Reply(405, {"Allow": "GET, HEAD"}, b'{"error":"Method not allowed"}')
         if m := _TARBALL_RE.fullmatch(raw):
             name, filename = unquote(m.group(1)), m.group(2)
             for entry in self._packages.get(name, {}).values():
                 if entry.filename == filename:
                     etag = f'"{entry.shasum}"'
                     if _etag_matches(request.headers.get("If-None-Match"), etag):
-                        return _Reply(304, {"ETag": etag})
-                    return _Reply(200, {"Content-Type": "application/octet-stream", "ETag": etag}, entry)
+                        return Reply(304, {"ETag": etag})
+                    return Reply(200, {"Content-Type": "application/octet-stream", "ETag": etag}, entry)
             return _not_found()
         if m := _PACKUMENT_RE.fullmatch(raw):
             name = unquote(m.group(1))
@@ -332,26 +316,10 @@ class FakeNpmRegistry(FakeServer):
             etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
             headers = {"ETag": etag, "Vary": "Accept", "Cache-Control": "public, max-age=300"}
             if _etag_matches(request.headers.get("If-None-Match"), etag):
-                return _Reply(304, headers)
+                return Reply(304, headers)
             headers["Content-Type"] = f"{ABBREVIATED if abbreviated else FULL}; charset=utf-8"
-            return _Reply(200, headers, body)
+            return Reply(200, headers, body)
         return _not_found()
-
-    def _take_fault(self, path: str) -> Fault | None:
-        for key in (path, "*"):
-            fault = self.faults.get(key)
-            if fault is not None and fault.active():
-                fault.used += 1
-                return fault
-        return None
-
-    async def _sleep(self, seconds: float) -> bool:
-        """Sleep, but return early (True) when the fake is shutting down."""
-        try:
-            await asyncio.wait_for(self._closing.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
 
     async def _entry(self, request: web.Request) -> web.StreamResponse:
         raw = request.rel_url.raw_path
@@ -377,56 +345,9 @@ class FakeNpmRegistry(FakeServer):
                 request.transport.abort()
                 return web.Response(status=500)
         reply = self._route(request, raw)
-        body_fault = fault if fault is not None and fault.kind in _BODY_FAULTS else None
-        return await self._send(request, reply, body_fault)
-
-    async def _send(self, request: web.Request, reply: _Reply, fault: Fault | None) -> web.StreamResponse:
-        body = reply.body
-        if reply.status != 200:
-            fault = None
-        if isinstance(body, bytes) and fault is None:
-            return web.Response(status=reply.status, headers=reply.headers, body=body)
-        size = body.size if isinstance(body, NpmVersion) else len(body)
-        resp = web.StreamResponse(status=reply.status, headers=reply.headers)
-        resp.content_length = size
-        await resp.prepare(request)
-        if request.method == "HEAD":
-            await resp.write_eof()
-            return resp
-        limit = size // 2 if fault is not None and fault.kind == "truncate" else size
-        chunk = fault.chunk if fault is not None and fault.kind == "slow" else _READ_CHUNK
-        flip_at = size // 2 if fault is not None and fault.kind == "wrong_bytes" else -1
-        offset = 0
-        try:
-            while offset < limit:
-                n = min(chunk, limit - offset)
-                if isinstance(body, NpmVersion):
-                    data = await asyncio.to_thread(_read_range, body.path, offset, n)
-                    if not data:
-                        break
-                else:
-                    data = body[offset : offset + n]
-                if offset <= flip_at < offset + len(data):
-                    i = flip_at - offset
-                    data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
-                await resp.write(data)
-                offset += len(data)
-                if (
-                    fault is not None
-                    and fault.kind == "slow"
-                    and offset < limit
-                    and await self._sleep(fault.delay)
-                ):
-                    break
-            if offset < size:
-                if request.transport is not None:
-                    request.transport.close()
-                return resp
-            await resp.write_eof()
-        except ConnectionError:
-            pass
-        return resp
+        body_fault = fault if fault is not None and fault.kind in BODY_FAULTS else None
+        return await self._send(request, reply, body_fault, read_chunk=64 * 1024)
 
 
-def _not_found() -> _Reply:
-    return _Reply(404, {"Content-Type": "application/json"}, b'{"error":"Not found"}')
+def _not_found() -> Reply:
+    return Reply(404, {"Content-Type": "application/json"}, b'{"error":"Not found"}')

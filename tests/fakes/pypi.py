@@ -26,61 +26,24 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 
 from tests.fakes.dists import sha256_file, wheel_metadata
-from tests.fakes.server import FakeServer
+from tests.fakes.server import BODY_FAULTS, FakeServer, Fault, FaultKind, Reply
 
 __all__ = ["FakeFile", "FakePyPI", "Fault", "FaultKind", "normalize"]
 
-FaultKind = Literal["refuse", "status", "429", "stall", "truncate", "wrong_bytes", "slow"]
 
 JSON_CT = "application/vnd.pypi.simple.v1+json"
 HTML_V1_CT = "application/vnd.pypi.simple.v1+html"
 TEXT_HTML_CT = "text/html; charset=utf-8"
 
-_READ_CHUNK = 1024 * 1024
-_BODY_FAULTS = frozenset({"truncate", "wrong_bytes", "slow"})
-
 
 def normalize(name: str) -> str:
     """Normalize a project name per PEP 503, as index URLs require."""
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-@dataclass
-class Fault:
-    """A misbehaviour injected into responses for one path (or ``"*"``).
-
-    ``times`` None means forever; otherwise the fault hits that many
-    requests and then the path behaves normally again (``used`` counts
-    how many requests it has hit so far, so tests can assert on it).
-
-    Per kind:
-      * ``refuse``: close the connection without sending anything.
-      * ``status``: answer ``status`` (default 503) with a short body.
-      * ``429``: answer 429 with ``Retry-After: retry_after``.
-      * ``stall``: sleep ``delay`` seconds, then answer normally.
-      * ``truncate``: full Content-Length, half the body, then close.
-      * ``wrong_bytes``: right length, one byte flipped, so sha256 mismatches.
-      * ``slow``: send ``chunk`` bytes every ``delay`` seconds.
-
-    Body faults (truncate, wrong_bytes, slow) only alter 200 responses.
-    """
-
-    kind: FaultKind
-    times: int | None = None
-    status: int = 503
-    retry_after: int = 1
-    delay: float = 1.0
-    chunk: int = 64 * 1024
-    used: int = field(default=0, compare=False)
-
-    def active(self) -> bool:
-        """Whether this fault still applies to the next request."""
-        return self.times is None or self.used < self.times
 
 
 @dataclass
@@ -128,15 +91,6 @@ class _Project:
     files: dict[str, FakeFile] = field(default_factory=dict)
 
 
-@dataclass
-class _Reply:
-    """What a route wants to send; faults are applied when it is sent."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes | FakeFile = b""
-
-
 def _version_key(version: str) -> tuple[tuple[int, int, str], ...]:
     """Sort key good enough for test versions, without depending on packaging."""
     key: list[tuple[int, int, str]] = []
@@ -159,13 +113,6 @@ def _inspect(path: Path, with_metadata: bool) -> tuple[str, int, bytes | None]:
         except (ValueError, zipfile.BadZipFile):
             metadata = None
     return sha256_file(path), path.stat().st_size, metadata
-
-
-def _read_range(path: Path, offset: int, size: int) -> bytes:
-    """Read ``size`` bytes at ``offset``; run in a thread, never on the loop."""
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        return fh.read(size)
 
 
 def _parse_accept(accept: str) -> list[tuple[str, float]]:
@@ -418,7 +365,7 @@ class FakePyPI(FakeServer):
                 best, best_q = choice, q
         return best or ("html", TEXT_HTML_CT)
 
-    def _page(self, request: web.Request, norm: str | None) -> _Reply:
+    def _page(self, request: web.Request, norm: str | None) -> Reply:
         """Build an index page reply with ETag, serial and 304 handling."""
         fmt, content_type = self._negotiate(request.headers.get("Accept"))
         body = self._render_project(norm, fmt) if norm else self._render_index(fmt)
@@ -431,55 +378,38 @@ class FakePyPI(FakeServer):
             "Cache-Control": "max-age=600, public",
         }
         if _etag_matches(request.headers.get("If-None-Match"), etag):
-            return _Reply(304, headers)
+            return Reply(304, headers)
         headers["Content-Type"] = content_type
-        return _Reply(200, headers, body)
+        return Reply(200, headers, body)
 
     # ------------------------------------------------------------------- routing
 
-    def _route(self, request: web.Request) -> _Reply:
+    def _route(self, request: web.Request) -> Reply:
         """Map a request to a reply; pure in-memory work."""
         if request.method not in ("GET", "HEAD"):
-            return _Reply(405, {"Allow": "GET, HEAD"}, b"method not allowed\n")
+            return Reply(405, {"Allow": "GET, HEAD"}, b"method not allowed\n")
         path = request.path
         if path == "/simple/":
             return self._page(request, None)
         if path == "/simple":
-            return _Reply(301, {"Location": "/simple/"})
+            return Reply(301, {"Location": "/simple/"})
         if m := re.fullmatch(r"/simple/([^/]+)(/?)", path):
             name, slash = m.groups()
             norm = normalize(name)
             if name != norm or not slash:
-                return _Reply(301, {"Location": f"/simple/{norm}/"})
+                return Reply(301, {"Location": f"/simple/{norm}/"})
             if norm not in self._projects:
-                return _Reply(404, {}, b"not found\n")
+                return Reply(404, {}, b"not found\n")
             return self._page(request, norm)
         if m := re.fullmatch(r"/files/([^/]+)", path):
             filename = m.group(1)
             if (f := self._files.get(filename)) is not None:
-                return _Reply(200, {"Content-Type": "application/octet-stream"}, f)
+                return Reply(200, {"Content-Type": "application/octet-stream"}, f)
             base = filename.removesuffix(".metadata")
             f = self._files.get(base) if base != filename else None
             if f is not None and f.core_metadata is not None:
-                return _Reply(200, {"Content-Type": "application/octet-stream"}, f.core_metadata)
-        return _Reply(404, {}, b"not found\n")
-
-    def _take_fault(self, path: str) -> Fault | None:
-        """The fault for this request, if any, consuming one of its uses."""
-        for key in (path, "*"):
-            fault = self.faults.get(key)
-            if fault is not None and fault.active():
-                fault.used += 1
-                return fault
-        return None
-
-    async def _sleep(self, seconds: float) -> bool:
-        """Sleep, but return early (True) when the fake is shutting down."""
-        try:
-            await asyncio.wait_for(self._closing.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
+                return Reply(200, {"Content-Type": "application/octet-stream"}, f.core_metadata)
+        return Reply(404, {}, b"not found\n")
 
     async def _entry(self, request: web.Request) -> web.StreamResponse:
         """Single aiohttp handler: count, apply faults, route, send."""
@@ -504,54 +434,5 @@ class FakePyPI(FakeServer):
                 request.transport.abort()
                 return web.Response(status=500)
         reply = self._route(request)
-        body_fault = fault if fault is not None and fault.kind in _BODY_FAULTS else None
-        return await self._send(request, reply, body_fault)
-
-    async def _send(self, request: web.Request, reply: _Reply, fault: Fault | None) -> web.StreamResponse:
-        """Send a reply, streaming file bodies and applying body faults."""
-        body = reply.body
-        if reply.status != 200:
-            fault = None
-        if isinstance(body, bytes) and fault is None:
-            return web.Response(status=reply.status, headers=reply.headers, body=body)
-        size = body.size if isinstance(body, FakeFile) else len(body)
-        resp = web.StreamResponse(status=reply.status, headers=reply.headers)
-        resp.content_length = size
-        await resp.prepare(request)
-        if request.method == "HEAD":
-            await resp.write_eof()
-            return resp
-        limit = size // 2 if fault is not None and fault.kind == "truncate" else size
-        chunk = fault.chunk if fault is not None and fault.kind == "slow" else _READ_CHUNK
-        flip_at = size // 2 if fault is not None and fault.kind == "wrong_bytes" else -1
-        offset = 0
-        try:
-            while offset < limit:
-                n = min(chunk, limit - offset)
-                if isinstance(body, FakeFile):
-                    data = await asyncio.to_thread(_read_range, body.path, offset, n)
-                    if not data:  # file shrank under us; do not spin
-                        break
-                else:
-                    data = body[offset : offset + n]
-                if offset <= flip_at < offset + len(data):
-                    i = flip_at - offset
-                    data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
-                await resp.write(data)
-                offset += len(data)
-                if (
-                    fault is not None
-                    and fault.kind == "slow"
-                    and offset < limit
-                    and await self._sleep(fault.delay)
-                ):
-                    break  # shutting down: abandon the body
-            if offset < size:
-                # Truncated (or abandoned): close after what was sent is flushed.
-                if request.transport is not None:
-                    request.transport.close()
-                return resp
-            await resp.write_eof()
-        except ConnectionError:
-            pass  # client went away; nothing useful to do
-        return resp
+        body_fault = fault if fault is not None and fault.kind in BODY_FAULTS else None
+        return await self._send(request, reply, body_fault, read_chunk=1024 * 1024)

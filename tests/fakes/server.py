@@ -8,10 +8,74 @@ crashed upstream looks like) and listens again on the same port so configured UR
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Protocol, Self
 
 from aiohttp import web
+
+FaultKind = Literal["refuse", "status", "429", "stall", "truncate", "wrong_bytes", "slow"]
+BODY_FAULTS = frozenset({"truncate", "wrong_bytes", "slow"})
+
+
+@dataclass
+class Fault:
+    """A misbehaviour injected into responses for one path (or ``"*"``).
+
+    ``times`` None means forever; otherwise the fault hits that many
+    requests and then the path behaves normally again (``used`` counts
+    how many requests it has hit so far, so tests can assert on it).
+
+    Per kind:
+      * ``refuse``: close the connection without sending anything.
+      * ``status``: answer ``status`` (default 503) with a short body.
+      * ``429``: answer 429 with ``Retry-After: retry_after``.
+      * ``stall``: sleep ``delay`` seconds, then answer normally.
+      * ``truncate``: full Content-Length, half the body, then close.
+      * ``wrong_bytes``: right length, one byte flipped, so sha256 mismatches.
+      * ``slow``: send ``chunk`` bytes every ``delay`` seconds.
+
+    Body faults (truncate, wrong_bytes, slow) only alter 200 responses.
+    """
+
+    kind: FaultKind
+    times: int | None = None
+    status: int = 503
+    retry_after: int = 1
+    delay: float = 1.0
+    chunk: int = 64 * 1024
+    used: int = field(default=0, compare=False)
+
+    def active(self) -> bool:
+        """Whether this fault still applies to the next request."""
+        return self.times is None or self.used < self.times
+
+
+class FileBody(Protocol):
+    """A body served from a file on disk (never held in memory)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+@dataclass
+class Reply:
+    """What a route wants to send; faults are applied when it is sent."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | FileBody = b""
+
+
+def read_range(path: Path, offset: int, size: int) -> bytes:
+    """Read ``size`` bytes at ``offset``; run in a thread, never on the loop."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)
 
 
 class FakeServer:
@@ -23,6 +87,7 @@ class FakeServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._closing = asyncio.Event()
+        self.faults: dict[str, Fault] = {}
 
     async def _entry(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
@@ -88,3 +153,71 @@ class FakeServer:
     def origin(self) -> str:
         """Scheme, host and port, e.g. ``http://127.0.0.1:PORT``."""
         return f"http://{self.host}:{self.port}"
+
+    def _take_fault(self, path: str) -> Fault | None:
+        """The fault for this request, if any, consuming one of its uses."""
+        for key in (path, "*"):
+            fault = self.faults.get(key)
+            if fault is not None and fault.active():
+                fault.used += 1
+                return fault
+        return None
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, but return early (True) when the fake is shutting down."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _send(
+        self, request: web.Request, reply: Reply, fault: Fault | None, *, read_chunk: int
+    ) -> web.StreamResponse:
+        """Send a reply, streaming file bodies and applying body faults."""
+        body = reply.body
+        if reply.status != 200:
+            fault = None
+        if isinstance(body, bytes) and fault is None:
+            return web.Response(status=reply.status, headers=reply.headers, body=body)
+        size = len(body) if isinstance(body, bytes) else body.size
+        resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+        resp.content_length = size
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
+        limit = size // 2 if fault is not None and fault.kind == "truncate" else size
+        chunk = fault.chunk if fault is not None and fault.kind == "slow" else read_chunk
+        flip_at = size // 2 if fault is not None and fault.kind == "wrong_bytes" else -1
+        offset = 0
+        try:
+            while offset < limit:
+                n = min(chunk, limit - offset)
+                if not isinstance(body, bytes):
+                    data = await asyncio.to_thread(read_range, body.path, offset, n)
+                    if not data:  # file shrank under us; do not spin
+                        break
+                else:
+                    data = body[offset : offset + n]
+                if offset <= flip_at < offset + len(data):
+                    i = flip_at - offset
+                    data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+                await resp.write(data)
+                offset += len(data)
+                if (
+                    fault is not None
+                    and fault.kind == "slow"
+                    and offset < limit
+                    and await self._sleep(fault.delay)
+                ):
+                    break  # shutting down: abandon the body
+            if offset < size:
+                # Truncated (or abandoned): close after what was sent is flushed.
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # client went away; nothing useful to do
+        return resp
