@@ -155,10 +155,20 @@ async def proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     """Start proxies for this test (stopped at its end); the data dir is shared unless given."""
     started: list[RunningProxy] = []
 
-    async def start(upstream_url: str, *, data_dir: Path | None = None, **server: Any) -> RunningProxy:
-        raw = proxy_config(data_dir or tmp_path / "data", upstream_url, **server)
-        config, runner, url = await serve_config(raw)
-        proxy = RunningProxy(url=url, config=config, runner=runner)
+    async def start(
+        upstream_url: str,
+        *,
+        data_dir: Path | None = None,
+        port: int = 0,
+        fmt: str = "pypi",
+        connection: str = "fake",
+        kind: type[RunningProxy] = RunningProxy,
+        **server: Any,
+    ) -> RunningProxy:
+        data = data_dir or tmp_path / "data"
+        raw = proxy_config(data, upstream_url, fmt=fmt, connection=connection, **server)
+        config, runner, url = await serve_config(raw, port=port)
+        proxy = kind(url=url, config=config, runner=runner)
         started.append(proxy)
         return proxy
 

@@ -28,7 +28,7 @@ from yarl import URL
 
 from proxy.app import build_app
 from proxy.config import Overrides, load_config
-from tests.conftest import RunningProxy, index_rows, proxy_config, serve_config, temp_files
+from tests.conftest import ProxyFactory, RunningProxy, index_rows, temp_files
 from tests.fakes.npm import ABBREVIATED, FakeNpmRegistry, Fault, FaultKind, build_tarball
 from tests.npm_clients import npm, npm_env
 
@@ -111,25 +111,15 @@ NpmProxyFactory = Callable[..., Awaitable[NpmProxy]]
 
 
 @pytest.fixture
-async def npm_proxy_factory(tmp_path: Path) -> AsyncIterator[NpmProxyFactory]:
-    """Start proxies (stopped at the end unless a test stopped them); data dir shared unless given."""
-    started: list[NpmProxy] = []
+def npm_proxy_factory(proxy_factory: ProxyFactory) -> NpmProxyFactory:
+    """The shared proxy factory with one npm connection (``npmfake``) behind ``public``."""
 
-    async def start(
-        upstream_url: str, *, data_dir: Path | None = None, port: int = 0, **server: Any
-    ) -> NpmProxy:
-        raw = proxy_config(
-            data_dir or tmp_path / "data", upstream_url, fmt="npm", connection=UPSTREAM, **server
-        )
-        config, runner, url = await serve_config(raw, port=port)
-        proxy = NpmProxy(url=url, config=config, runner=runner)
-        started.append(proxy)
+    async def start(upstream_url: str, **kwargs: Any) -> NpmProxy:
+        proxy = await proxy_factory(upstream_url, fmt="npm", connection=UPSTREAM, kind=NpmProxy, **kwargs)
+        assert isinstance(proxy, NpmProxy)
         return proxy
 
-    yield start
-    for proxy in reversed(started):
-        if proxy.runner.server is not None:
-            await proxy.stop()
+    return start
 
 
 @pytest.fixture
