@@ -742,7 +742,7 @@ async def test_audit_and_search_are_passed_to_the_upstream_without_client_creden
     assert len(registry.requests) == before
 
 
-async def test_big_packuments_go_out_gzipped_to_clients_that_take_it(
+async def test_big_packuments_go_out_compressed_to_clients_that_take_it(
     npm_proxy: NpmProxy, registry: FakeNpmRegistry, npm_tarballs: dict[tuple[str, str], Path]
 ) -> None:
     tarball = npm_tarballs[("left", "1.0.0")]
@@ -754,8 +754,11 @@ async def test_big_packuments_go_out_gzipped_to_clients_that_take_it(
             assert resp.status == 200
             assert resp.headers["Content-Encoding"] == "gzip"
             zipped = await resp.json()
+        async with client.get(url, headers={"Accept-Encoding": "gzip, deflate, br"}) as resp:
+            assert resp.headers["Content-Encoding"] == "br"
+            brotlied = await resp.json()
         async with client.get(url, headers={"Accept-Encoding": "identity"}) as resp:
             assert "Content-Encoding" not in resp.headers
             plain = await resp.json()
-    assert zipped == plain
+    assert zipped == plain == brotlied
     assert len(plain["versions"]) == 400

@@ -36,6 +36,7 @@ class RenderedPage:
     expires_at: float
     headers: tuple[tuple[str, str], ...] = ()
     gzip_body: bytes | None = None
+    br_body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,9 @@ class HotCache:
         )
         self._pages = _EvictingLRU(
             max(1, memory_bytes // 2),
-            getsizeof=lambda page: len(page.body) + len(page.gzip_body or b"") + ENTRY_OVERHEAD,
+            getsizeof=lambda page: (
+                len(page.body) + len(page.gzip_body or b"") + len(page.br_body or b"") + ENTRY_OVERHEAD
+            ),
             on_evict=self._page_evicted,
         )
         # Variants by package, so one asset write invalidates every rendering of the package.
