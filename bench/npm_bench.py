@@ -35,7 +35,7 @@ from typing import Any
 
 from harness import BenchError, Processes, ensure_debian_tool, free_port, http_get, wait_http
 from loadgen import WrkResult, curl_download, run_wrk
-from servers import BENCH, REPO, Server, _read_line, python_env, start_nginx
+from servers import BENCH, REPO, Server, start_fake, start_nginx, start_proxy
 
 sys.path.insert(0, str(REPO))  # tests.fakes / tests.npm_clients: npm pack and an isolated npm env
 from tests.fakes.npm import ABBREVIATED, build_tarball, pack_name
@@ -184,24 +184,6 @@ def build_manifest(work: Path, big_size: int) -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------------- servers
 
-PROXY_CONFIG = """\
-[server]
-listen = "127.0.0.1:{port}"
-data_dir = "{data_dir}"
-
-[upstreams.npmfake]
-format = "npm"
-url = "{upstream}"
-metadata_ttl = "1h"
-
-[[domains]]
-name = "default"
-
-[[domains.repositories]]
-name = "public"
-upstreams = ["npmfake"]
-"""
-
 VERDACCIO_CONFIG = """\
 storage: {storage}
 auth:
@@ -222,30 +204,6 @@ web:
   enable: false
 log: {{ type: stdout, format: pretty, level: error }}
 """
-
-
-def start_upstream(procs: Processes, manifest: Path, work: Path) -> Server:
-    """FakeNpmRegistry in its own process, so it does not steal the servers' event loop."""
-    log = work / "npm-upstream.log"
-    argv = [sys.executable, str(BENCH / "npm_upstream.py"), str(manifest)]
-    proc = procs.start(argv, log=log, stdout=subprocess.PIPE, env=python_env(), cwd=REPO)
-    url = json.loads(_read_line(proc, 120, "fake npm upstream", log))["url"]
-    return Server(proc, url, log)
-
-
-def start_proxy(procs: Processes, upstream: str, work: Path) -> Server:
-    """The proxy under test, one process, a fresh data directory, the fake as only upstream."""
-    port = free_port()
-    data_dir = work / "npm-proxy-data"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    config = work / "npm-proxy.toml"
-    config.write_text(PROXY_CONFIG.format(port=port, data_dir=data_dir, upstream=upstream))
-    log = work / "npm-proxy.log"
-    argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--log-level", "WARNING"]
-    proc = procs.start(argv, log=log, env=python_env(), cwd=REPO)
-    origin = f"http://127.0.0.1:{port}"
-    wait_http(f"{origin}/-/readyz", proc, "proxy", log)
-    return Server(proc, f"{origin}/default/npm/public/", log)
 
 
 def ensure_verdaccio() -> Path:
@@ -463,8 +421,9 @@ def run(args: argparse.Namespace, procs: Processes, results: Results, nginx_tmp:
     manifest, big = build_manifest(work, big_size)
     big_size = big.stat().st_size
 
-    upstream = start_upstream(procs, manifest, work)
-    proxy = start_proxy(procs, upstream.base, work)
+    upstream = start_fake(procs, "npm", manifest, work / "npm-upstream.log", timeout=120)
+    proxy = start_proxy(procs, upstream.base, work, fmt="npm")
+    proxy = Server(proxy.proc, proxy.base + "/", proxy.log)  # npm's registry URL ends in /
     verdaccio = start_verdaccio(procs, verdaccio_entry, upstream.base, work)
     nginx_root = work / "npm-nginx-root"
     nginx_root.mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -60,15 +61,14 @@ def start_upstream(procs: Processes, data: Dataset, work: Path) -> Server:
     """FakePyPI publishing every benchmark wheel, in its own process (it hashes 1.3 GB first)."""
     manifest = work / "upstream-files.json"
     manifest.write_text(json.dumps([{"project": d.project, "path": str(d.path)} for d in data.all()]))
-    log = work / "upstream.log"
-    proc = procs.start(
-        [sys.executable, str(BENCH / "upstream.py"), str(manifest)],
-        log=log,
-        stdout=subprocess.PIPE,
-        env=python_env(),
-        cwd=REPO,
-    )
-    url = json.loads(_read_line(proc, 600, "fake upstream", log))["url"]
+    return start_fake(procs, "pypi", manifest, work / "upstream.log", timeout=600)
+
+
+def start_fake(procs: Processes, fmt: str, manifest: Path, log: Path, *, timeout: float) -> Server:
+    """bench/upstream.py serving ``manifest`` as a fake ``fmt`` upstream, in its own process."""
+    argv = [sys.executable, str(BENCH / "upstream.py"), fmt, str(manifest)]
+    proc = procs.start(argv, log=log, stdout=subprocess.PIPE, env=python_env(), cwd=REPO)
+    url = json.loads(_read_line(proc, timeout, f"fake {fmt} upstream", log))["url"]
     return Server(proc, url, log)
 
 
@@ -78,7 +78,7 @@ listen = "127.0.0.1:{port}"
 data_dir = "{data_dir}"
 
 [upstreams.fake]
-format = "pypi"
+format = "{fmt}"
 url = "{upstream}"
 metadata_ttl = "1h"
 
@@ -91,18 +91,24 @@ upstreams = ["fake"]
 """
 
 
-def start_proxy(procs: Processes, upstream_url: str, work: Path) -> Server:
-    """The proxy under test: one process, access log off, a fresh data directory."""
+def start_proxy(procs: Processes, upstream_url: str, work: Path, *, fmt: str = "pypi") -> Server:
+    """The proxy under test: one process, access log off, a fresh data directory.
+
+    The server's base is the repository root for ``fmt``: ``…/default/pypi/public`` or
+    ``…/default/npm/public``.
+    """
+    prefix = "" if fmt == "pypi" else f"{fmt}-"
     port = free_port()
-    data_dir = work / "proxy-data"
-    config = work / "proxy.toml"
-    config.write_text(PROXY_CONFIG.format(port=port, data_dir=data_dir, upstream=upstream_url))
-    log = work / "proxy.log"
+    data_dir = work / f"{prefix}proxy-data"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    config = work / f"{prefix}proxy.toml"
+    config.write_text(PROXY_CONFIG.format(port=port, data_dir=data_dir, upstream=upstream_url, fmt=fmt))
+    log = work / f"{prefix}proxy.log"
     argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--log-level", "WARNING"]
     proc = procs.start(argv, log=log, env=python_env(), cwd=REPO)
     origin = f"http://127.0.0.1:{port}"
     wait_http(f"{origin}/-/readyz", proc, "proxy", log)
-    return Server(proc, f"{origin}/default/pypi/public", log)
+    return Server(proc, f"{origin}/default/{fmt}/public", log)
 
 
 NGINX_CONFIG = """\

@@ -1,10 +1,12 @@
-"""The benchmark's upstream: the test suite's FakePyPI in a process of its own.
+"""The benchmarks' upstream: a test-suite fake (FakePyPI or FakeNpmRegistry) in a process of its own.
 
-Run by ``run.py`` as a subprocess so the upstream never shares the proxy's event loop or core.
-It publishes the wheels listed in a manifest, prints one JSON line ``{"url": ...}`` on stdout
-when it is serving, and runs until SIGTERM/SIGINT.
+Run by ``run.py`` and ``npm_bench.py`` as a subprocess so the upstream never shares the servers'
+event loop or core. It publishes the files listed in a manifest, prints one JSON line
+``{"url": ...}`` on stdout when it is serving, and runs until SIGTERM/SIGINT.
 
-    python bench/upstream.py MANIFEST.json     # [{"project": ..., "path": ...}, ...]
+    python bench/upstream.py pypi MANIFEST.json   # [{"project": ..., "path": ...}, ...]
+    python bench/upstream.py npm MANIFEST.json    # [{"name": ..., "version": ..., "path": ...,
+                                                  #   "dependencies": {...}}, ...]
 """
 
 from __future__ import annotations
@@ -14,12 +16,26 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def serve(manifest: Path) -> None:
-    """Publish every file, announce the index URL, then wait for a stop signal."""
+async def _publish(fake: Any, fmt: str, entry: dict[str, Any]) -> None:
+    if fmt == "pypi":
+        await fake.add_file_async(entry["project"], Path(entry["path"]))
+    else:
+        await fake.add_version_async(
+            entry["name"],
+            Path(entry["path"]),
+            version=entry["version"],
+            dependencies=entry.get("dependencies"),
+        )
+
+
+async def serve(fmt: str, manifest: Path) -> None:
+    """Publish every entry, announce the upstream's URL, then wait for a stop signal."""
+    from tests.fakes.npm import FakeNpmRegistry
     from tests.fakes.pypi import FakePyPI
 
     entries = json.loads(manifest.read_text())
@@ -27,24 +43,24 @@ async def serve(manifest: Path) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with FakePyPI() as fake:
+    async with FakePyPI() if fmt == "pypi" else FakeNpmRegistry() as fake:
         for entry in entries:
-            await fake.add_file_async(entry["project"], Path(entry["path"]))
+            await _publish(fake, fmt, entry)
         print(json.dumps({"url": fake.url}), flush=True)
         await stop.wait()
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 3 or sys.argv[1] not in {"pypi", "npm"}:
         print(__doc__, file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))  # for tests.fakes; this script runs from bench/
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(Path(sys.argv[1])))
+        asyncio.run(serve(sys.argv[1], Path(sys.argv[2])))
     else:
-        uvloop.run(serve(Path(sys.argv[1])))
+        uvloop.run(serve(sys.argv[1], Path(sys.argv[2])))
     return 0
 
 

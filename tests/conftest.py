@@ -136,6 +136,32 @@ def proxy_config(
     }
 
 
+def write_config_file(path: Path, data_dir: Path, upstream_url: str, *, port: int | None = None) -> None:
+    """The document of :func:`proxy_config` as a TOML file, for proxies run as processes."""
+    listen = f'listen = "127.0.0.1:{port}"\n' if port is not None else ""
+    path.write_text(
+        f"""[server]
+{listen}data_dir = "{data_dir}"
+
+[upstreams.fake]
+format = "pypi"
+url = "{upstream_url}"
+
+[[domains]]
+name = "default"
+
+[[domains.repositories]]
+name = "public"
+upstreams = ["fake"]
+
+[[domains.repositories]]
+name = "team"
+upstreams = ["public"]
+""",
+        encoding="utf-8",
+    )
+
+
 async def serve_config(raw: dict[str, Any], *, port: int = 0) -> tuple[Config, web.AppRunner, str]:
     """The real application for a config document, served on 127.0.0.1 by this event loop."""
     config = parse_config(raw, Overrides(), os.environ)

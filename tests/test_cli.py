@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ProxyFactory
+from tests.conftest import ProxyFactory, write_config_file
 from tests.fakes.dists import build_wheel
 from tests.fakes.pypi import FakePyPI
 from tests.test_admin_api import publish
@@ -35,31 +35,6 @@ class Run:
     def json(self) -> Any:
         assert self.code == 0, self.err
         return json.loads(self.out)
-
-
-def _write_config(path: Path, data_dir: Path, upstream: str) -> None:
-    path.write_text(
-        f"""
-[server]
-data_dir = "{data_dir}"
-
-[upstreams.fake]
-format = "pypi"
-url = "{upstream}"
-
-[[domains]]
-name = "default"
-
-[[domains.repositories]]
-name = "public"
-upstreams = ["fake"]
-
-[[domains.repositories]]
-name = "team"
-upstreams = ["public"]
-""",
-        encoding="utf-8",
-    )
 
 
 class Cli:
@@ -95,7 +70,7 @@ class Cli:
 @pytest.fixture
 async def cli(tmp_path: Path) -> Cli:
     config = tmp_path / "proxy.toml"
-    await asyncio.to_thread(_write_config, config, tmp_path / "data", "http://127.0.0.1:9/simple/")
+    await asyncio.to_thread(write_config_file, config, tmp_path / "data", "http://127.0.0.1:9/simple/")
     return Cli(config)
 
 
@@ -288,7 +263,7 @@ async def test_a_running_proxy_sees_what_the_cli_changes(
     data_dir = tmp_path / "shared"
     proxy = await proxy_factory(pypi.url, data_dir=data_dir)
     config = tmp_path / "shared.toml"
-    await asyncio.to_thread(_write_config, config, data_dir, pypi.url)
+    await asyncio.to_thread(write_config_file, config, data_dir, pypi.url)
     cli = Cli(config)
     api = f"{proxy.url}/-/api/v1/domains/default/repositories"
 
@@ -316,7 +291,7 @@ async def test_versions_are_managed_from_the_cli(
     data_dir = tmp_path / "shared"
     proxy = await proxy_factory(pypi.url, data_dir=data_dir)
     config = tmp_path / "shared.toml"
-    await asyncio.to_thread(_write_config, config, data_dir, pypi.url)
+    await asyncio.to_thread(write_config_file, config, data_dir, pypi.url)
     cli = Cli(config)
     wheel = await asyncio.to_thread(build_wheel, tmp_path, "internal-lib", "1.0")
     await publish(http, proxy, "team", wheel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Dists, blob_files, index_rows, temp_files
+from tests.conftest import Dists, blob_files, index_rows, temp_files, write_config_file
 from tests.fakes.dists import sha256_file
 from tests.fakes.pypi import FakePyPI, Fault
 
@@ -27,28 +28,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _write_config(path: Path, data_dir: Path, upstream: str, port: int) -> None:
-    path.write_text(
-        f"""
-[server]
-listen = "127.0.0.1:{port}"
-data_dir = "{data_dir}"
-
-[upstreams.fake]
-format = "pypi"
-url = "{upstream}"
-
-[[domains]]
-name = "default"
-
-[[domains.repositories]]
-name = "public"
-upstreams = ["fake"]
-""",
-        encoding="utf-8",
-    )
 
 
 async def _wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
@@ -72,7 +51,7 @@ async def proxy_process(tmp_path: Path, pypi: FakePyPI) -> AsyncIterator[tuple[s
     port = _free_port()
     data_dir = tmp_path / "data"
     config = tmp_path / "proxy.toml"
-    await asyncio.to_thread(_write_config, config, data_dir, pypi.url, port)
+    await asyncio.to_thread(functools.partial(write_config_file, config, data_dir, pypi.url, port=port))
     url = f"http://127.0.0.1:{port}"
     procs: list[asyncio.subprocess.Process] = []
 
