@@ -43,12 +43,14 @@ from proxy.pipeline.services import Pipeline
 from proxy.server.admin import AdminRoutes
 from proxy.server.assets import AssetSender
 from proxy.server.middleware import request_id_middleware
+from proxy.server.pages import PageStore
 from proxy.server.routing import path_safety_middleware
 from proxy.server.system import SystemRoutes
 from proxy.storage.catalog import Catalog
 from proxy.storage.hot import HotCache
 from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
+from proxy.storage.page_files import PageFiles
 from proxy.storage.staging import StagingArea
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.flight import FlightGroup
@@ -73,6 +75,7 @@ class Services:
     flights: FlightGroup
     documents: DocumentCache
     clients: dict[str, UpstreamClient]
+    page_files: PageFiles
 
 
 def build_services(
@@ -83,7 +86,10 @@ def build_services(
     index = Index(data_dir / "index.sqlite3")
     blobs = LocalBlobStore(data_dir / "blobs")
     staging = StagingArea(data_dir / "tmp")
-    hot = HotCache(config.server.hot_cache_entries, config.server.memory_cache_size)
+    page_files = PageFiles(data_dir / "pages")
+    hot = HotCache(
+        config.server.hot_cache_entries, config.server.memory_cache_size, on_page_drop=page_files.retire
+    )
     clients = {name: UpstreamClient(up) for name, up in config.upstreams.items()} if upstreams else {}
     flights = FlightGroup()
     documents = DocumentCache(index, config.server)
@@ -101,8 +107,9 @@ def build_services(
         hot=hot,
         blobs=blobs,
         sender=AssetSender(blobs, sendfile_pool),
+        pages=PageStore(hot, page_files, sendfile_pool),
     )
-    return Services(pipeline, index, blobs, staging, flights, documents, clients)
+    return Services(pipeline, index, blobs, staging, flights, documents, clients, page_files)
 
 
 def build_app(config: Config) -> web.Application:
@@ -152,14 +159,16 @@ def build_app(config: Config) -> web.Application:
     app.router.add_route("*", "/{tail:.*}", not_found)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        removed = await asyncio.to_thread(_prepare_dirs, staging, blobs, data_dir)
+        removed = await asyncio.to_thread(_prepare_dirs, staging, blobs, services.page_files)
         if removed:
             log.info("removed %d leftover temp files from an earlier run", removed)
         await index.open()
         await registry.seed(config)
         for client in clients.values():
             await client.start()
-        toucher = asyncio.create_task(_housekeeping(index, registry, resolver), name="housekeeping")
+        toucher = asyncio.create_task(
+            _housekeeping(index, registry, resolver, services.page_files), name="housekeeping"
+        )
         log.info(
             "ready: data in %s, %d upstream(s), offline=%s",
             data_dir,
@@ -185,12 +194,15 @@ def build_app(config: Config) -> web.Application:
     return app
 
 
-def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, data_dir: object) -> int:
+def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, page_files: PageFiles) -> int:
     blobs.prepare()
+    page_files.prepare()
     return staging.prepare()
 
 
-async def _housekeeping(index: Index, registry: RepositoryRegistry, resolver: Resolver) -> None:
+async def _housekeeping(
+    index: Index, registry: RepositoryRegistry, resolver: Resolver, page_files: PageFiles
+) -> None:
     """Every few seconds: notice changes the CLI made to the index; now and then, access times."""
     version = await index.data_version()
     last_touch = time.monotonic()
@@ -206,5 +218,6 @@ async def _housekeeping(index: Index, registry: RepositoryRegistry, resolver: Re
             if time.monotonic() - last_touch >= TOUCH_INTERVAL:
                 last_touch = time.monotonic()
                 await resolver.flush_touches()
+                await asyncio.to_thread(page_files.sweep)
         except Exception:
             log.exception("housekeeping failed; retrying")

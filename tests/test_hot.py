@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from proxy.model import Listing
 from proxy.storage.hot import HotCache, RenderedPage
+from proxy.storage.page_files import PageFiles
 
 
 def _page(size: int) -> RenderedPage:
@@ -49,3 +51,18 @@ def test_listings_are_bounded_by_their_document_size() -> None:
     assert hot.stats()["listing_bytes"] <= 1024 * 1024
     assert hot.listing(("up", 4)) is not None
     assert hot.listing(("up", 0)) is None
+
+
+def test_pages_in_files_are_deleted_after_a_grace_period_once_dropped(tmp_path: Path) -> None:
+    files = PageFiles(tmp_path / "pages", grace=60.0)
+    files.prepare()
+    hot = HotCache(entries=64, memory_bytes=1024 * 1024, on_page_drop=files.retire)
+    written = files.write({"": b"{}" * 1000, "gzip": b"zz"})
+    page = RenderedPage(b"", "application/json", '"e"', "MISS", time.time() + 60, files=written)
+    hot.remember_page(("d", "npm", "big"), "v", page)
+    assert page.weight() < 2000 + 512  # a sixteenth of the bytes on disk, plus the overhead
+    hot.invalidate_package(("d", "npm", "big"))
+    assert files.sweep() == 0  # a response may still be opening them
+    assert all(Path(path).exists() for _, path, _ in written)
+    assert files.sweep(now=time.monotonic() + 61) == 2
+    assert list((tmp_path / "pages").iterdir()) == []

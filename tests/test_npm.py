@@ -762,3 +762,55 @@ async def test_big_packuments_go_out_compressed_to_clients_that_take_it(
             plain = await resp.json()
     assert zipped == plain == brotlied
     assert len(plain["versions"]) == 400
+
+
+async def test_huge_packuments_are_rendered_once_per_upstream_change_and_sent_from_files(
+    npm_proxy_factory: NpmProxyFactory, registry: FakeNpmRegistry, npm_tarballs: dict[tuple[str, str], Path]
+) -> None:
+    tarball = npm_tarballs[("left", "1.0.0")]
+    for i in range(400):  # long deprecation messages: a packument of about a megabyte
+        await registry.add_version_async("huge", tarball, version=f"1.0.{i}", deprecated=f"{i} " + "x" * 2500)
+    proxy = await npm_proxy_factory(registry.url, upstream_metadata_ttl="1s")
+    url = proxy.registry() + "huge"
+    pages_dir = proxy.data_dir / "pages"
+    key, variant = ("default", "npm", "huge"), ("public", FULL, proxy.url)
+
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url, headers={"Accept-Encoding": "identity"}) as resp:
+            assert resp.headers["X-Cache"] == "MISS"
+            plain = await resp.read()
+        assert len(plain) > 1024 * 1024
+        for encoding in ("gzip", "br"):
+            async with client.get(url, headers={"Accept-Encoding": encoding}) as resp:
+                assert resp.headers["Content-Encoding"] == encoding
+                assert resp.headers["X-Cache"] == "HIT"
+                assert await resp.read() == plain  # decompressed by the client
+        page = proxy.pipeline.hot.page_entry(key, variant)
+        assert page is not None and page.body == b"" and len(page.files) == 3  # on disk only
+        on_disk = sorted(p.name for p in await asyncio.to_thread(lambda: list(pages_dir.iterdir())))
+        assert on_disk == sorted(Path(path).name for _, path, _ in page.files)
+
+        # Expired, the upstream answers 304: the page is renewed, not rendered again.
+        await asyncio.sleep(1.2)
+        async with client.get(url, headers={"Accept-Encoding": "identity"}) as resp:
+            assert resp.headers["X-Cache"] == "REVALIDATED"
+            assert await resp.read() == plain
+        renewed = proxy.pipeline.hot.page_entry(key, variant)
+        assert renewed is not None and renewed.files == page.files
+
+        # Expired and changed upstream: twenty clients at once cause one rendering.
+        await registry.add_version_async("huge", tarball, version="2.0.0")
+        await asyncio.sleep(1.2)
+
+        async def fetch() -> dict[str, Any]:
+            async with client.get(url, headers={"Accept-Encoding": "gzip"}) as resp:
+                assert resp.status == 200
+                doc: dict[str, Any] = await resp.json()
+                return doc
+
+        docs = await asyncio.gather(*(fetch() for _ in range(20)))
+    assert all(doc["dist-tags"]["latest"] == "2.0.0" and len(doc["versions"]) == 401 for doc in docs)
+    files = await asyncio.to_thread(lambda: list(pages_dir.iterdir()))
+    assert len(files) == 6  # the new page's three files, and the old three awaiting deletion
+    fresh = proxy.pipeline.hot.page_entry(key, variant)
+    assert fresh is not None and fresh.files != page.files

@@ -14,7 +14,6 @@ Routes below ``/{domain}/npm/{repo}`` (scoped names arrive as ``@scope%2fname`` 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -31,9 +30,8 @@ from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.model import AssetRecord, CacheStatus, ListedFile, Listing, RepoRef
 from proxy.pipeline.documents import DocumentRequest
 from proxy.pipeline.resolve import ResolvedListing
-from proxy.server.pages import build_page, cached_page, page_response
+from proxy.server.pages import PageSource
 from proxy.server.routing import base_url, repo_ref
-from proxy.storage.hot import RenderedPage
 
 SCOPE = "{scope:@[^/%]+}"
 NAME = "{name:[^@/-][^/]*}"
@@ -132,7 +130,7 @@ class NpmAdapter(FormatAdapter):
         kind = docs.ABBREVIATED if abbreviated else docs.FULL
         base = base_url(request, self.pipeline.config.server)
 
-        async def render() -> RenderedPage:
+        async def source() -> PageSource:
             resolved = await self.installable(ref, package)
             draw = functools.partial(
                 docs.render,
@@ -141,14 +139,10 @@ class NpmAdapter(FormatAdapter):
                 self._tarball_url(base, ref, package),
                 abbreviated=abbreviated,
             )
-            # A packument with hundreds of versions takes milliseconds to render: off the loop.
-            body = await asyncio.to_thread(draw) if len(resolved.listing.files) > 200 else draw()
-            return await build_page(resolved, body, kind)
+            return PageSource(resolved, draw, kind)
 
-        page, status = await cached_page(
-            self.pipeline.hot, (ref.domain, self.name, package), (ref.repository, kind, base), render
-        )
-        return page_response(request, page, status)
+        variant = (ref.repository, kind, base)
+        return await self.pipeline.pages.respond(request, (ref.domain, self.name, package), variant, source)
 
     async def installable(self, ref: RepoRef, package: str) -> ResolvedListing:
         """The merged listing; with the upstream unreachable (or offline), only what is cached.

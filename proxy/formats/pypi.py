@@ -28,9 +28,8 @@ from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.formats.pypi_upload import read_upload
 from proxy.model import AssetRecord, ListedFile, Listing
 from proxy.pipeline.documents import DocumentRequest
-from proxy.server.pages import build_page, cached_page, page_response
+from proxy.server.pages import PageSource
 from proxy.server.routing import base_url, repo_ref
-from proxy.storage.hot import RenderedPage
 
 _FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]{0,250}$")
 MAX_METADATA_BYTES = 16 * 2**20
@@ -128,15 +127,15 @@ class PyPIAdapter(FormatAdapter):
             raise web.HTTPMovedPermanently(location=_with_query(target, request))
         kind = self._negotiate(request)
         base = base_url(request, self.pipeline.config.server)
-        page, status = await cached_page(
-            self.pipeline.hot,
+        variant = (ref.repository, kind, base)
+        return await self.pipeline.pages.respond(
+            request,
             (ref.domain, self.name, package),
-            (ref.repository, kind, base),
-            lambda: self._render(request, package, kind, base),
+            variant,
+            lambda: self._page_source(request, package, kind, base),
         )
-        return page_response(request, page, status)
 
-    async def _render(self, request: web.Request, package: str, kind: str, base: str) -> RenderedPage:
+    async def _page_source(self, request: web.Request, package: str, kind: str, base: str) -> PageSource:
         ref = repo_ref(request)
         resolved = await self.pipeline.resolver.listing(ref, self, package)
         stored = await self.pipeline.resolver.cached_files(ref, self.name, package)
@@ -144,11 +143,15 @@ class PyPIAdapter(FormatAdapter):
         urls = {f.filename: prefix + quote(f.filename) for f in resolved.listing.files}
         derived = {name: rec.digest.hex for name, rec in stored.items() if name.endswith(".metadata")}
         sizes = {name: rec.size for name, rec in stored.items()}
-        if kind == simple.JSON_V1:
-            body = simple.render_json(package, resolved.listing, urls, sizes, derived)
-        else:
-            body = simple.render_html(package, resolved.listing, urls, derived)
-        return await build_page(resolved, body, _media(kind))
+
+        def draw() -> bytes:
+            if kind == simple.JSON_V1:
+                return simple.render_json(package, resolved.listing, urls, sizes, derived)
+            return simple.render_html(package, resolved.listing, urls, derived)
+
+        # The page shows the sizes of cached files and the metadata derived from them.
+        depends_on = (tuple(sorted(sizes.items())), tuple(sorted(derived.items())))
+        return PageSource(resolved, draw, _media(kind), depends_on)
 
     async def file(self, request: web.Request) -> web.StreamResponse:
         ref = repo_ref(request)

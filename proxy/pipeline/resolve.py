@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -56,6 +56,7 @@ class ResolvedListing:
     warnings: tuple[str, ...] = ()
     blocked: Mapping[str, str] = field(default_factory=dict)  # filename -> why it is hidden
     stale_upstreams: tuple[str, ...] = ()  # connections answered for by a stale copy or not at all
+    sources: tuple[Hashable, ...] = ()  # identities of the upstream documents it was built from
 
 
 @dataclass(slots=True)
@@ -77,9 +78,11 @@ class _Collected:
     errors: list[ProxyError] = field(default_factory=list)
     blocked: dict[str, str] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
+    sources: list[Hashable] = field(default_factory=list)
 
     def absorb(self, other: _Collected) -> None:
         self.stale += [name for name in other.stale if name not in self.stale]
+        self.sources += other.sources
         self.listings += other.listings
         self.statuses += other.statuses
         self.expiries += other.expiries
@@ -206,6 +209,7 @@ class Resolver:
                 collected.stale
                 + [str(e.detail["upstream"]) for e in collected.errors if "upstream" in e.detail]
             ),
+            sources=tuple(collected.sources),
         )
 
     async def _collect(self, ref: RepoRef, adapter: FormatAdapter, package: str) -> _Collected:
@@ -239,6 +243,7 @@ class Resolver:
                 warnings=part.warnings,
                 errors=part.errors,
                 stale=part.stale,
+                sources=part.sources,
             )
             upstream_part.blocked.update(part.blocked)
             for listing in part.listings:
@@ -300,6 +305,8 @@ class Resolver:
             row.serial,
             len(row.body),
             row.url,
+            # Without validators every refresh is a full 200: only its time identifies it.
+            None if row.etag or row.last_modified else row.fetched_at,
         )
         parsed = self._hot.listing(key)
         if parsed is None:
@@ -311,6 +318,7 @@ class Resolver:
                 parsed = adapter.parse_listing(row.body, row.content_type, row.url, client.name)
             self._hot.remember_listing(key, parsed, len(row.body))
         out.listings.append(parsed)
+        out.sources.append(key)
         out.statuses.append(doc.status)
         if doc.status is CacheStatus.STALE:
             out.stale.append(client.name)

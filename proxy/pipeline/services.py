@@ -10,6 +10,7 @@ from proxy.pipeline.publish import Publisher
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
 from proxy.server.assets import AssetSender
+from proxy.server.pages import PageStore
 from proxy.storage.hot import HotCache
 from proxy.storage.local import LocalBlobStore
 
@@ -26,3 +27,4 @@ class Pipeline:
     hot: HotCache
     blobs: LocalBlobStore
     sender: AssetSender
+    pages: PageStore

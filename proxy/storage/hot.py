@@ -4,7 +4,10 @@ Cache hits must not touch SQLite: a warm simple page or a cached wheel is answer
 plus one ``sendfile``. Asset rows are bounded by count; parsed listings and rendered pages by
 bytes (``server.memory_cache_size``, split between them), because one npm packument can weigh
 tens of megabytes and memory must not grow with payload sizes. Rendered pages also carry their
-own expiry (the earliest expiry of the documents they were built from).
+own expiry (the earliest expiry of the documents they were built from) and a fingerprint of
+what they were built from, so an expired page whose sources did not change (an upstream 304) is
+renewed rather than rendered again. Pages too big for memory live in files (storage/page_files.py)
+and count a sixteenth of their size here, which bounds the disk they take too.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from typing import Any
 from cachetools import LRUCache
 
 from proxy.model import AssetRecord, Listing, RepoRef
+from proxy.storage.page_files import PageFile
 
 AssetKey = tuple[RepoRef, str, str, str]  # repository, format, package, filename
 PackageKey = tuple[str, str, str]  # domain, format, package
 PageKey = tuple[PackageKey, Hashable]  # package, variant (repository, media type, base URL)
 ENTRY_OVERHEAD = 512  # bytes counted per entry besides its payload
+DISK_WEIGHT = 16  # a page kept in files counts 1/16 of its size against the memory budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,14 @@ class RenderedPage:
     headers: tuple[tuple[str, str], ...] = ()
     gzip_body: bytes | None = None
     br_body: bytes | None = None
+    fingerprint: Hashable = None  # what the body was built from (see the module docstring)
+    files: tuple[PageFile, ...] = ()  # when set, the bodies live in these files instead
+
+    def weight(self) -> int:
+        """What the page counts against the memory budget."""
+        in_memory = len(self.body) + len(self.gzip_body or b"") + len(self.br_body or b"")
+        on_disk = sum(size for _, _, size in self.files)
+        return in_memory + on_disk // DISK_WEIGHT + ENTRY_OVERHEAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,32 +62,36 @@ class _EvictingLRU(LRUCache[Any, Any]):
     """An LRU that reports evictions, so a side index of its keys stays true."""
 
     def __init__(
-        self, maxsize: int, getsizeof: Callable[[Any], int], on_evict: Callable[[Any], None]
+        self, maxsize: int, getsizeof: Callable[[Any], int], on_evict: Callable[[Any, Any], None]
     ) -> None:
         super().__init__(maxsize=maxsize, getsizeof=getsizeof)
         self._on_evict = on_evict
 
     def popitem(self) -> tuple[Any, Any]:
         key, value = super().popitem()
-        self._on_evict(key)
+        self._on_evict(key, value)
         return key, value
 
 
 class HotCache:
     """Bounded LRU caches for asset rows, parsed listings and rendered pages."""
 
-    def __init__(self, entries: int, memory_bytes: int = 128 * 2**20) -> None:
+    def __init__(
+        self,
+        entries: int,
+        memory_bytes: int = 128 * 2**20,
+        on_page_drop: Callable[[tuple[PageFile, ...]], None] | None = None,
+    ) -> None:
         self._assets: LRUCache[AssetKey, AssetRecord] = LRUCache(maxsize=entries)
         self._listings: LRUCache[Hashable, _SizedListing] = LRUCache(
             maxsize=max(1, memory_bytes // 2), getsizeof=lambda item: item.size + ENTRY_OVERHEAD
         )
         self._pages = _EvictingLRU(
             max(1, memory_bytes // 2),
-            getsizeof=lambda page: (
-                len(page.body) + len(page.gzip_body or b"") + len(page.br_body or b"") + ENTRY_OVERHEAD
-            ),
+            getsizeof=lambda page: page.weight(),
             on_evict=self._page_evicted,
         )
+        self._on_page_drop = on_page_drop
         # Variants by package, so one asset write invalidates every rendering of the package.
         self._variants: dict[PackageKey, set[Hashable]] = {}
 
@@ -110,31 +127,46 @@ class HotCache:
 
     # rendered pages
     def page(self, package: PackageKey, variant: Hashable) -> RenderedPage | None:
-        page: RenderedPage | None = self._pages.get((package, variant))
-        if page is None:
-            return None
-        if page.expires_at <= time.time():
-            self._pages.pop((package, variant), None)
-            self._variants.get(package, set()).discard(variant)
+        """The page while it is fresh."""
+        page = self.page_entry(package, variant)
+        if page is None or page.expires_at <= time.time():
             return None
         return page
 
+    def page_entry(self, package: PackageKey, variant: Hashable) -> RenderedPage | None:
+        """The page even past its expiry (to be renewed if its sources did not change)."""
+        page: RenderedPage | None = self._pages.get((package, variant))
+        return page
+
     def remember_page(self, package: PackageKey, variant: Hashable, page: RenderedPage) -> None:
+        old: RenderedPage | None = self._pages.get((package, variant))
         try:
             self._pages[(package, variant)] = page
         except ValueError:  # larger than the whole budget: served, not kept
+            self._drop(page)
             return
+        if old is not None and old.files != page.files:
+            self._drop(old)
         self._variants.setdefault(package, set()).add(variant)
 
     def invalidate_package(self, package: PackageKey) -> None:
         for variant in self._variants.pop(package, set()):
-            self._pages.pop((package, variant), None)
+            page = self._pages.pop((package, variant), None)
+            if page is not None:
+                self._drop(page)
 
     def clear_pages(self) -> None:
+        for page in self._pages.values():
+            self._drop(page)
         self._pages.clear()
         self._variants.clear()
 
-    def _page_evicted(self, key: PageKey) -> None:
+    def _drop(self, page: RenderedPage) -> None:
+        if page.files and self._on_page_drop is not None:
+            self._on_page_drop(page.files)
+
+    def _page_evicted(self, key: PageKey, page: RenderedPage) -> None:
+        self._drop(page)
         package, variant = key
         variants = self._variants.get(package)
         if variants is not None:
