@@ -8,10 +8,10 @@ packument of tens of megabytes is parsed and rendered once per upstream change.
 
 Big pages are also kept compressed (brotli and gzip), built once off the event loop, and sent so
 to clients that accept it: an npm packument of several megabytes shrinks about tenfold. Pages
-of ``SPILL_FROM`` bytes or more live in files (storage/page_files.py) and go out by
-``sendfile`` like artifacts, so twenty parallel installs of a huge package hold no copies of it
-in memory. (Artifacts are never compressed: their bytes are the same whatever the client
-accepts.)
+of ``SPILL_FROM`` bytes or more keep their plain rendering in a file (storage/page_files.py),
+sent by ``sendfile`` like artifacts, and only the compressed copies (a tenth of the size) in
+memory, so twenty parallel installs of a huge package hold no copies of it. (Artifacts are
+never compressed: their bytes are the same whatever the client accepts.)
 """
 
 from __future__ import annotations
@@ -141,23 +141,25 @@ class PageStore:
         gzipped, brotlied = await asyncio.to_thread(_compress, body)
         if len(body) < SPILL_FROM:
             return replace(page, gzip_body=gzipped, br_body=brotlied)
-        files = await asyncio.to_thread(self._files.write, {"": body, "gzip": gzipped, "br": brotlied})
-        return replace(page, body=b"", files=files)
+        # The compressed copies (what npm, pip and browsers ask for) stay in memory: a tenth of
+        # the size, and sent without a file open. The plain one goes to disk.
+        files = await asyncio.to_thread(self._files.write, {"": body})
+        return replace(page, body=b"", gzip_body=gzipped, br_body=brotlied, files=files)
 
     def response(self, request: web.Request, page: RenderedPage, status: str) -> web.StreamResponse:
         """The page, 304 when the client has it, compressed when the client takes it and it is big."""
         accepted = request.headers.get(hdrs.ACCEPT_ENCODING, "")
         encoding = ""
-        if "br" in accepted and (page.br_body is not None or _has(page, "br")):
+        if "br" in accepted and page.br_body is not None:
             encoding = "br"
-        elif "gzip" in accepted and (page.gzip_body is not None or _has(page, "gzip")):
+        elif "gzip" in accepted and page.gzip_body is not None:
             encoding = "gzip"
         etag = f'{page.etag[:-1]}-{encoding}"' if encoding else page.etag
         response: web.StreamResponse
         if _etag_matches(request, etag):
             response = web.Response(status=304)
-        elif page.files:
-            path = next(p for enc, p, _ in page.files if enc == encoding)
+        elif page.files and not encoding:
+            path = page.files[0][1]
             response = BlobFileResponse(path, etag.strip('"'), self._executor)
             response.headers[hdrs.CONTENT_TYPE] = page.content_type
         else:
@@ -173,10 +175,6 @@ class PageStore:
         for name, value in page.headers:
             response.headers[name] = value
         return response
-
-
-def _has(page: RenderedPage, encoding: str) -> bool:
-    return any(enc == encoding for enc, _, _ in page.files)
 
 
 def _warning_headers(resolved: ResolvedListing) -> tuple[tuple[str, str], ...]:
