@@ -28,7 +28,7 @@ from proxy.upstream.discovery import (
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,49}$")
 UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KNOWN_FORMATS = ("pypi", "npm")
+KNOWN_FORMATS = ("pypi", "npm", "maven")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}

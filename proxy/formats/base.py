@@ -39,6 +39,9 @@ class FormatAdapter(ABC):
     """One package format. Subclasses are listed in ``proxy.formats.FORMATS``."""
 
     name: ClassVar[str]
+    # Maven: a file's upstream URL follows from its name, and no listing names the files; the
+    # resolver then asks ``locate`` instead of looking the file up in the merged listing.
+    files_at_paths: ClassVar[bool] = False
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -58,6 +61,19 @@ class FormatAdapter(ABC):
     @abstractmethod
     def parse_listing(self, body: bytes, content_type: str, url: str, source: str) -> Listing:
         """An upstream document as a neutral listing; file URLs made absolute."""
+
+    def locate(self, index_url: str, package: str, filename: str) -> tuple[str, DocumentRequest | None]:
+        """(files_at_paths formats) The file's URL at an upstream, and the request for the
+        checksum document that vouches for its bytes (None when the format has none)."""
+        raise NotImplementedError
+
+    def checksum_hashes(self, body: bytes) -> dict[str, str]:
+        """(files_at_paths formats) The hashes a checksum document states; ValueError if none."""
+        raise NotImplementedError
+
+    def version_of(self, filename: str) -> str | None:
+        """(files_at_paths formats) The version a file belongs to."""
+        return None
 
     def content_type(self, filename: str) -> str:
         """The media type an asset is served with."""

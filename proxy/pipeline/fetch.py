@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from proxy.config import ServerConfig
-from proxy.errors import UpstreamCorrupt, UpstreamUnavailable
+from proxy.errors import NotFound, UpstreamCorrupt, UpstreamUnavailable
 from proxy.model import ListedFile
 from proxy.storage.blobs import BlobInfo
 from proxy.storage.local import LocalBlobStore
@@ -73,6 +73,11 @@ class Fetcher:
     ) -> BlobInfo:
         limit = self._server.max_asset_size
         async with client.get(entry.url, headers={"Accept-Encoding": "identity"}, total_timeout=None) as resp:
+            if resp.status in {404, 410}:
+                raise NotFound(
+                    f"upstream {client.name} has no {entry.filename} ({resp.status})",
+                    detail={"upstream": client.name, "upstream_status": resp.status},
+                )
             if resp.status != 200:
                 raise UpstreamUnavailable(
                     f"upstream {client.name} answered {resp.status} for {entry.filename}",

@@ -14,15 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from proxy.config import Config, RepositoryConfig
-from proxy.errors import BlockedByOrigin, NotFound, Offline, ProxyError
+from proxy.errors import BlockedByOrigin, NotFound, Offline, ProxyError, UpstreamCorrupt
 from proxy.model import AssetRecord, CacheStatus, Digest, ListedFile, Listing, RepoRef
-from proxy.pipeline.documents import DocumentCache
+from proxy.pipeline.documents import DocumentCache, DocumentRequest
 from proxy.pipeline.fetch import Fetcher
 from proxy.pipeline.origin import PackagePolicy, matching_rule
 from proxy.pipeline.registry import RepositoryRegistry
@@ -310,12 +310,22 @@ class Resolver:
         )
         parsed = self._hot.listing(key)
         if parsed is None:
-            if len(row.body) > BIG_DOCUMENT:  # tens of MB for the biggest npm packuments
-                parsed = await asyncio.to_thread(
-                    adapter.parse_listing, row.body, row.content_type, row.url, client.name
+            try:
+                if len(row.body) > BIG_DOCUMENT:  # tens of MB for the biggest npm packuments
+                    parsed = await asyncio.to_thread(
+                        adapter.parse_listing, row.body, row.content_type, row.url, client.name
+                    )
+                else:
+                    parsed = adapter.parse_listing(row.body, row.content_type, row.url, client.name)
+            except ValueError as exc:  # malformed: reported and skipped, never served
+                log.error("upstream %s sent a malformed document for %s: %s", client.name, package, exc)
+                out.errors.append(
+                    UpstreamCorrupt(
+                        f"upstream {client.name} sent a malformed document for {package}: {exc}",
+                        detail={"upstream": client.name, "package": package},
+                    )
                 )
-            else:
-                parsed = adapter.parse_listing(row.body, row.content_type, row.url, client.name)
+                return out
             self._hot.remember_listing(key, parsed, len(row.body))
         out.listings.append(parsed)
         out.sources.append(key)
@@ -378,6 +388,11 @@ class Resolver:
             self._check_visible(ref, package, record, policy)
             self._touched.add((ref, fmt, package, filename))
             return AssetHandle(CacheStatus.HIT, record=record)
+        if adapter.files_at_paths:
+            if self.config.server.offline:
+                raise Offline(f"offline mode: {filename} was never cached, so it cannot be served")
+            located = await self._locate(ref, adapter, package, filename, policy)
+            return self._fetch(ref, adapter, package, located)
         resolved = await self.listing(ref, adapter, package)
         entry = resolved.listing.file(filename)
         if entry is None:
@@ -401,6 +416,11 @@ class Resolver:
                 record = self._record(ref, adapter, package, entry, info)
                 await self._commit_rows([record])
                 return AssetHandle(CacheStatus.HIT, record=record)
+        return self._fetch(ref, adapter, package, entry)
+
+    def _fetch(self, ref: RepoRef, adapter: FormatAdapter, package: str, entry: ListedFile) -> AssetHandle:
+        """Join (or start) the one download of ``entry`` and record it for ``ref`` when done."""
+        fmt = adapter.name
         client = self._clients[entry.source]
 
         async def fetch(flight: Flight) -> BlobInfo:
@@ -427,6 +447,108 @@ class Resolver:
 
         flight = self._flights.join((client.name, entry.url), fetch, on_commit)
         return AssetHandle(CacheStatus.MISS, flight=flight, entry=entry)
+
+    async def _locate(
+        self, ref: RepoRef, adapter: FormatAdapter, package: str, filename: str, policy: PackagePolicy
+    ) -> ListedFile:
+        """The upstream entry of a file whose URL follows from its name (Maven).
+
+        The first connection along the chain whose checksum document vouches for the file
+        provides it, checked against that checksum; a connection that answers 404 is skipped
+        (and remembered briefly). Where no connection offers checksums at all, the first one
+        is asked for the file itself, and its bytes are taken as they come.
+        """
+        version = adapter.version_of(filename)
+        why = policy.upstream_block_reason() or policy.quarantine_reason(package, version)
+        if why is not None:
+            raise BlockedByOrigin(
+                f"{filename} is not served by {ref.domain}/{ref.repository}: {why}",
+                detail={"package": package, "filename": filename},
+            )
+        connections = await self.connections(ref, adapter.name, package)
+        errors: list[ProxyError] = []
+        for client in connections:
+            url, checksum = adapter.locate(client.config.url, package, filename)
+            if checksum is None:
+                return ListedFile(filename, url, client.name, {}, version)
+            try:
+                doc = await self._documents.get(client, checksum)
+            except ProxyError as exc:
+                errors.append(exc)
+                continue
+            if doc is None:
+                continue
+            try:
+                hashes = adapter.checksum_hashes(doc.row.body)
+            except ValueError as exc:
+                log.warning("upstream %s: unusable checksum for %s: %s", client.name, filename, exc)
+                hashes = {}
+            return ListedFile(filename, url, client.name, hashes, version)
+        if errors:
+            raise errors[0]
+        if connections:
+            url, _ = adapter.locate(connections[0].config.url, package, filename)
+            return ListedFile(filename, url, connections[0].name, {}, version)
+        raise NotFound(
+            f"{filename} was not found in {ref.domain}/{ref.repository} or its upstreams",
+            detail={"package": package, "filename": filename},
+        )
+
+    async def connections(self, ref: RepoRef, fmt: str, package: str) -> list[UpstreamClient]:
+        """The external connections of ``fmt`` along the chain, in order, skipping repositories
+        whose origin controls keep ``package`` from their upstreams."""
+        policy = await self.policy(ref, fmt, package)
+        if policy.upstream_block_reason() is not None:
+            return []
+        domain = self.registry.domain(ref.domain)
+        assert domain is not None
+        found: list[UpstreamClient] = []
+        for name in self.repository(ref).upstreams:
+            if domain.repository(name) is not None:
+                for client in await self.connections(RepoRef(ref.domain, name), fmt, package):
+                    if client not in found:
+                        found.append(client)
+            else:
+                connection = self._clients.get(name)
+                if connection is not None and connection.config.format == fmt and connection not in found:
+                    found.append(connection)
+        return found
+
+    async def hosted_files(self, ref: RepoRef, adapter: FormatAdapter, package: str) -> list[ListedFile]:
+        """Files published in the repository or along its repository chain (nearest first)."""
+        found: dict[str, ListedFile] = {}
+        for repo in [ref, *self._chain_repos(ref)]:
+            hosted = await self._hosted(
+                repo, adapter, package, await self.policy(repo, adapter.name, package)
+            )
+            for entry in hosted.files:
+                found.setdefault(entry.filename, entry)
+        return list(found.values())
+
+    async def upstream_document(
+        self, ref: RepoRef, fmt: str, package: str, request_for: Callable[[str], DocumentRequest]
+    ) -> tuple[bytes, CacheStatus] | None:
+        """A document from the first connection along the chain that has it (None: none has).
+
+        ``request_for`` builds the request from a connection's URL. Freshness, revalidation and
+        stale-if-error are the document cache's, as for listings.
+        """
+        errors: list[ProxyError] = []
+        for client in await self.connections(ref, fmt, package):
+            try:
+                doc = await self._documents.get(client, request_for(client.config.url))
+            except ProxyError as exc:
+                errors.append(exc)
+                continue
+            if doc is not None:
+                return doc.row.body, doc.status
+        if errors:
+            raise errors[0]
+        return None
+
+    async def stored_asset(self, ref: RepoRef, fmt: str, package: str, filename: str) -> AssetRecord | None:
+        """A file stored in the repository or along its repository chain (no upstream asked)."""
+        return await self._stored(ref, fmt, package, filename)
 
     def _check_visible(self, ref: RepoRef, package: str, record: AssetRecord, policy: PackagePolicy) -> None:
         """A stored file is served only while the repository's rules still show its version."""
