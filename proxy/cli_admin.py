@@ -140,6 +140,11 @@ def add_admin_parsers(sub: Subparsers) -> None:
     )
     create.add_argument("--description", default="", help="what the repository is for")
     create.add_argument("--min-release-age", type=_age, default=0.0, help=_HELP["min-release-age"])
+    create.add_argument(
+        "--allow-redeploy",
+        action="store_true",
+        help="let Maven release files be deployed again with other bytes (off: immutable)",
+    )
     leaf(repo, "describe", "show a repository", _repo_describe, "domain", "name")
     upstreams = leaf(
         repo, "set-upstreams", "replace a repository's upstreams", _repo_upstreams, "domain", "name"
@@ -243,7 +248,12 @@ async def _repo_list(ops: AdminOps, args: argparse.Namespace) -> Outcome:
 
 async def _repo_create(ops: AdminOps, args: argparse.Namespace) -> Outcome:
     data = await ops.create_repository(
-        args.domain, args.name, args.upstream, args.description, args.min_release_age
+        args.domain,
+        args.name,
+        args.upstream,
+        args.description,
+        args.min_release_age,
+        allow_redeploy=args.allow_redeploy,
     )
     return Outcome(data, [f"created {_repo_line(data)}"])
 
@@ -255,6 +265,7 @@ async def _repo_describe(ops: AdminOps, args: argparse.Namespace) -> Outcome:
         f"  description:     {r['description'] or '-'}",
         f"  upstreams:       {', '.join(r['upstreams']) or '(none)'}",
         f"  min release age: {_duration(r['min_release_age'])}",
+        f"  allow redeploy:  {'yes' if r['allow_redeploy'] else 'no'}",
         f"  downstreams:     {', '.join(r['downstreams']) or '(none)'}",
         f"  defined in:      {'the config file' if r['from_config'] else 'the index (API or CLI)'}",
     ]

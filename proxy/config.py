@@ -152,6 +152,7 @@ class RepositoryConfig:
     upstreams: tuple[str, ...] = ()
     description: str = ""
     min_release_age: float = 0.0
+    allow_redeploy: bool = False  # Maven: a release file may be deployed again with other bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,7 +506,7 @@ def _parse_domain(index: int, raw: object, upstreams: Mapping[str, UpstreamConfi
 def _parse_repository(p: str, raw: object) -> RepositoryConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a table")
-    _only_keys(raw, p, {"name", "upstreams", "description", "min_release_age"})
+    _only_keys(raw, p, {"name", "upstreams", "description", "min_release_age", "allow_redeploy"})
     name = _get(raw, "name", p, str, None)
     if name is None or not NAME_RE.match(name):
         raise ConfigError(f"{p}.name: expected a name matching [a-z][a-z0-9-]{{1,49}}, got {name!r}")
@@ -520,4 +521,5 @@ def _parse_repository(p: str, raw: object) -> RepositoryConfig:
         upstreams=tuple(ups),
         description=_get(raw, "description", p, str, ""),
         min_release_age=age,
+        allow_redeploy=_get(raw, "allow_redeploy", p, bool, False),
     )

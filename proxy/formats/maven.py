@@ -343,6 +343,13 @@ class MavenAdapter(FormatAdapter):
             existing = await self.pipeline.resolver.stored_asset(ref, self.name, package, path.asset_name)
             if existing is not None and existing.digest.hex == staged.hashes["sha256"]:
                 return web.json_response({"ok": True, "unchanged": path.asset_name}, status=200)
+            if (
+                existing is not None
+                and existing.hosted
+                and self.pipeline.resolver.repository(ref).allow_redeploy
+            ):
+                await publisher.publish(ref, self, upload, replace=True)
+                return web.json_response({"ok": True, "replaced": path.asset_name}, status=201)
             raise Conflict(
                 f"{package} {path.version}: {path.filename} is already deployed in "
                 f"{ref.domain}/{ref.repository} with other bytes; release versions are immutable",

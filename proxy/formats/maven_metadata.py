@@ -237,8 +237,15 @@ def version_key(version: str) -> tuple[Any, ...]:
             parts.append((1, _QUALIFIERS[token]))
         else:
             parts.append((1, 7, token))
-    while parts and parts[-1] in ((2, 0), (1, 5)):  # 1.0 == 1 == 1.0.0-final
-        parts.pop()
+    # 1.0 == 1 == 1.0.0-final: release qualifiers go, and so do zeros before a qualifier or the end.
+    parts = [p for p in parts if p != (1, 5)]
+    kept: list[tuple[Any, ...]] = []
+    for i, part in enumerate(parts):
+        following = next((p for p in parts[i + 1 :] if p != (2, 0)), None)
+        if part == (2, 0) and (following is None or following[0] == 1):
+            continue
+        kept.append(part)
+    parts = kept
     # A release (nothing after the numbers) sorts after its qualified forms: 1.0-rc1 < 1.0.
     return (*parts, (1, 5))
 

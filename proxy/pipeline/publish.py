@@ -71,8 +71,11 @@ class Publisher:
                 detail={"package": package},
             )
 
-    async def publish(self, ref: RepoRef, adapter: FormatAdapter, upload: Upload) -> AssetRecord:
-        """Commit the staged file and record it; 409 if the filename exists in the repository."""
+    async def publish(
+        self, ref: RepoRef, adapter: FormatAdapter, upload: Upload, *, replace: bool = False
+    ) -> AssetRecord:
+        """Commit the staged file and record it; 409 if the filename exists in the repository
+        (unless ``replace``: a Maven redeploy the repository allows)."""
         await self.check_allowed(ref, adapter.name, upload.package)
         info = await self._blobs.put(upload.staged)
         now = time.time()
@@ -113,7 +116,7 @@ class Publisher:
             status="Published",
             attributes=upload.attributes,
         )
-        if not await self._catalog.publish(version, records):
+        if not await self._catalog.publish(version, records, replace=replace):
             raise Conflict(
                 f"{upload.filename} already exists in {ref.domain}/{ref.repository}; "
                 "published files are immutable",

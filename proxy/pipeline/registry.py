@@ -148,6 +148,7 @@ def _config(row: RepositoryRow) -> RepositoryConfig:
         upstreams=row.upstreams,
         description=row.description,
         min_release_age=row.min_release_age,
+        allow_redeploy=row.allow_redeploy,
     )
 
 
@@ -159,4 +160,5 @@ def _row(domain: str, repo: RepositoryConfig) -> RepositoryRow:
         upstreams=repo.upstreams,
         min_release_age=repo.min_release_age,
         created_at=time.time(),
+        allow_redeploy=repo.allow_redeploy,
     )

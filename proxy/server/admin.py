@@ -97,7 +97,7 @@ class AdminRoutes:
 
     async def create_repository(self, request: web.Request) -> web.StreamResponse:
         domain = request.match_info["domain"]
-        body = await _body(request, {"name", "upstreams", "description", "min_release_age"})
+        body = await _body(request, {"name", "upstreams", "description", "min_release_age", "allow_redeploy"})
         age = body.get("min_release_age")
         created = await self.ops.create_repository(
             domain,
@@ -105,6 +105,7 @@ class AdminRoutes:
             _names(body, "upstreams", default=[]),
             description=_text(body, "description", default=""),
             min_release_age=0.0 if age is None else parse_min_release_age(age),
+            allow_redeploy=_flag(body, "allow_redeploy"),
         )
         return _created(created, f"{API}/domains/{domain}/repositories/{created['name']}")
 
@@ -271,6 +272,13 @@ def _text(body: Mapping[str, Any], key: str, *, default: str | None = None) -> s
         return default
     if not isinstance(value, str):
         raise BadRequest(f"field {key!r} must be a string", detail={"field": key})
+    return value
+
+
+def _flag(body: Mapping[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"field {key!r} must be true or false", detail={"field": key})
     return value
 
 

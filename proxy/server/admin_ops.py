@@ -146,6 +146,7 @@ class AdminOps:
             "description": repo.description,
             "upstreams": list(repo.upstreams),
             "min_release_age": repo.min_release_age,
+            "allow_redeploy": repo.allow_redeploy,
             "downstreams": self._registry.downstreams(ref),
             "from_config": self.from_config(domain, name),
         }
@@ -157,12 +158,14 @@ class AdminOps:
         upstreams: list[str],
         description: str = "",
         min_release_age: float = 0.0,
+        allow_redeploy: bool = False,
     ) -> Json:
         repo = RepositoryConfig(
             name=name,
             upstreams=_unique(upstreams),
             description=description,
             min_release_age=min_release_age,
+            allow_redeploy=allow_redeploy,
         )
         async with self._changing:
             await self._registry.create_repository(domain, repo)

@@ -27,6 +27,7 @@ class RepositoryRow:
     upstreams: tuple[str, ...]
     min_release_age: float
     created_at: float
+    allow_redeploy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +69,8 @@ class Catalog:
 
     async def repositories(self) -> list[RepositoryRow]:
         sql = (
-            "SELECT domain, name, description, upstreams, min_release_age, created_at "
-            "FROM repositories ORDER BY domain, name"
+            "SELECT domain, name, description, upstreams, min_release_age, created_at, "
+            "allow_redeploy FROM repositories ORDER BY domain, name"
         )
         async with self._index.db.execute(sql) as cur:
             rows = await cur.fetchall()
@@ -81,6 +82,7 @@ class Catalog:
                 upstreams=tuple(json.loads(str(r[3]))),
                 min_release_age=float(r[4]),
                 created_at=float(r[5]),
+                allow_redeploy=bool(r[6]),
             )
             for r in rows
         ]
@@ -115,13 +117,13 @@ class Catalog:
     async def _write_repository(self, row: RepositoryRow, *, replace: bool) -> bool:
         conflict = (
             "DO UPDATE SET description=excluded.description, upstreams=excluded.upstreams, "
-            "min_release_age=excluded.min_release_age"
+            "min_release_age=excluded.min_release_age, allow_redeploy=excluded.allow_redeploy"
             if replace
             else "DO NOTHING"
         )
         cur = await self._index.db.execute(
             "INSERT INTO repositories (domain, name, description, upstreams, min_release_age, "
-            f"created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (domain, name) {conflict}",
+            f"created_at, allow_redeploy) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, name) {conflict}",
             (
                 row.domain,
                 row.name,
@@ -129,6 +131,7 @@ class Catalog:
                 json.dumps(list(row.upstreams)),
                 row.min_release_age,
                 row.created_at or time.time(),
+                int(row.allow_redeploy),
             ),
         )
         return cur.rowcount > 0
@@ -144,11 +147,14 @@ class Catalog:
 
     # --- versions -----------------------------------------------------------------------------
 
-    async def publish(self, version: VersionRow, assets: Iterable[AssetRecord]) -> bool:
+    async def publish(
+        self, version: VersionRow, assets: Iterable[AssetRecord], *, replace: bool = False
+    ) -> bool:
         """Record a published file and its version in one transaction.
 
         False (and nothing written) when any of the files already exists in the repository: a
-        published file is immutable, and of concurrent publishes exactly one gets True.
+        published file is immutable, and of concurrent publishes exactly one gets True. With
+        ``replace`` (a repository that allows Maven redeploys) existing rows are replaced.
         """
         now = time.time()
         records = list(assets)
@@ -160,6 +166,9 @@ class Catalog:
                     "AND filename=?"
                 )
                 args = (rec.repo.domain, rec.repo.repository, rec.format, rec.package, rec.filename)
+                if replace:
+                    await db.execute(f"DELETE FROM assets {sql[sql.index('WHERE') :]}", args)
+                    continue
                 async with db.execute(sql, args) as cur:
                     if await cur.fetchone() is not None:
                         return False
