@@ -131,6 +131,7 @@ async def test_repositories_are_created_described_changed_and_deleted(api: Api, 
         "description": "ML team",
         "upstreams": ["public"],
         "min_release_age": 3 * 86400,
+        "allow_redeploy": False,
         "downstreams": [],
         "from_config": False,
     }

@@ -54,6 +54,11 @@ class FormatAdapter(ABC):
     def normalize(self, package: str) -> str:
         """The one canonical identity of a package name; raises BadRequest if it is invalid."""
 
+    def normalize_prefix(self, prefix: str) -> str:
+        """The canonical form of a name prefix (origin rules such as ``acme-*``); BadRequest if no
+        valid name starts so. By default a prefix is completed to a name: "Acme_" -> "acme-"."""
+        return self.normalize(prefix + "x")[:-1]
+
     @abstractmethod
     def document_request(self, index_url: str, package: str) -> DocumentRequest:
         """How to ask an upstream at ``index_url`` for the metadata of ``package``."""

@@ -78,6 +78,12 @@ class MavenAdapter(FormatAdapter):
             raise BadRequest(f"{package!r} is not a Maven groupId:artifactId")
         return package
 
+    def normalize_prefix(self, prefix: str) -> str:
+        """Maven rules go by groupId prefix: ``com.acme*`` covers com.acme:lib and com.acme.tools:x."""
+        if not valid_package(prefix + "x:x") and not valid_package(prefix + "x"):
+            raise BadRequest(f"{prefix!r} is not the start of a Maven groupId:artifactId")
+        return prefix
+
     def document_request(self, index_url: str, package: str) -> DocumentRequest:
         group, artifact = package.split(":", 1)
         path = f"{group.replace('.', '/')}/{artifact}/{METADATA}"

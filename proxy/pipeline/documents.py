@@ -6,7 +6,8 @@ and a stale copy exists, the stale copy is served at once and the refresh finish
 background. A refresh whose serial (e.g. PyPI's ``X-PyPI-Last-Serial``) is older than the cached
 one never replaces it (a lagging CDN node). When the upstream fails, the stale copy is served and
 flagged; only what was never cached fails. Offline mode never contacts an upstream. An upstream
-404 is remembered briefly (negative cache); a failure never is.
+404 is remembered briefly (negative cache), and served again past that while the upstream is
+failing or offline mode is on; a failure is never remembered.
 """
 
 from __future__ import annotations
@@ -60,19 +61,29 @@ class DocumentCache:
         now = time.time()
         if row is not None and now < row.expires_at:
             return FetchedDocument(row, CacheStatus.HIT)
+        negative = await self._index.get_negative(client.name, req.key) if row is None else None
         if self._server.offline:
             if row is not None:
                 return FetchedDocument(row, CacheStatus.STALE, "offline mode")
+            if negative is not None:  # known not to exist: still so, as far as anyone can tell
+                return None
             raise Offline(
                 f"offline mode: {req.url} was never cached, so it cannot be served",
                 detail={"upstream": client.name},
             )
-        negative = await self._index.get_negative(client.name, req.key)
-        if negative is not None and now < negative and row is None:
+        if negative is not None and now < negative:
             return None
         task = self._refresh_task(client, req, row)
         if row is None:
-            return await asyncio.shield(task)
+            try:
+                return await asyncio.shield(task)
+            except UpstreamUnavailable as exc:
+                if negative is None:
+                    raise
+                # Stale-if-error for absence too: what was a 404 stays one while the upstream is
+                # down (a build that tolerated the 404 before keeps working).
+                log.warning("upstream failing; %s stays not found as last seen: %s", req.url, exc.message)
+                return None
         try:
             return await asyncio.wait_for(asyncio.shield(task), self._server.soft_deadline)
         except TimeoutError:

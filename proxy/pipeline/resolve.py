@@ -20,7 +20,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from proxy.config import Config, RepositoryConfig
-from proxy.errors import BlockedByOrigin, NotFound, Offline, ProxyError, UpstreamCorrupt
+from proxy.errors import (
+    BlockedByOrigin,
+    NotFound,
+    Offline,
+    ProxyError,
+    UpstreamCorrupt,
+    UpstreamUnavailable,
+)
 from proxy.model import AssetRecord, CacheStatus, Digest, ListedFile, Listing, RepoRef
 from proxy.pipeline.documents import DocumentCache, DocumentRequest
 from proxy.pipeline.fetch import Fetcher
@@ -424,7 +431,24 @@ class Resolver:
         client = self._clients[entry.source]
 
         async def fetch(flight: Flight) -> BlobInfo:
-            return await self._fetcher.fetch(client, adapter, entry, flight)
+            if not entry.extra.get("probe"):
+                return await self._fetcher.fetch(client, adapter, entry, flight)
+            # A file no checksum vouched for: it may not exist. Its 404 is remembered like a
+            # document's, and served again while the upstream is failing.
+            missing_key = f"missing:{entry.url}"
+            try:
+                return await self._fetcher.fetch(client, adapter, entry, flight)
+            except NotFound:
+                ttl = self.config.server.negative_ttl
+                await self._index.put_negative(client.name, missing_key, time.time() + ttl)
+                raise
+            except UpstreamUnavailable as exc:
+                if await self._index.get_negative(client.name, missing_key) is None:
+                    raise
+                raise NotFound(
+                    f"{entry.filename} was not found upstream when last asked ({exc.message})",
+                    detail={"filename": entry.filename, "upstream": client.name},
+                ) from exc
 
         async def on_commit(info: BlobInfo) -> None:
             rows = [self._record(ref, adapter, package, entry, info)]
@@ -487,8 +511,15 @@ class Resolver:
         if errors:
             raise errors[0]
         if connections:
-            url, _ = adapter.locate(connections[0].config.url, package, filename)
-            return ListedFile(filename, url, connections[0].name, {}, version)
+            first = connections[0]
+            url, _ = adapter.locate(first.config.url, package, filename)
+            missing = await self._index.get_negative(first.name, f"missing:{url}")
+            if missing is not None and time.time() < missing:
+                raise NotFound(
+                    f"{filename} was not found in {ref.domain}/{ref.repository} or its upstreams",
+                    detail={"package": package, "filename": filename, "upstream": first.name},
+                )
+            return ListedFile(filename, url, first.name, {}, version, extra={"probe": True})
         raise NotFound(
             f"{filename} was not found in {ref.domain}/{ref.repository} or its upstreams",
             detail={"package": package, "filename": filename},

@@ -79,8 +79,8 @@ class AdminOps:
         prefix = pattern[:-1]
         if not prefix:
             return "*"
-        try:  # normalize a prefix by completing it to a name: "Acme_" -> "acme-x" -> "acme-"
-            return self.adapter(fmt).normalize(prefix + "x")[:-1] + "*"
+        try:
+            return self.adapter(fmt).normalize_prefix(prefix) + "*"
         except BadRequest as exc:
             raise BadRequest(
                 f"pattern: {prefix!r} is not the start of a valid package name", detail={"field": "pattern"}
