@@ -28,7 +28,7 @@ from proxy.upstream.discovery import (
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,49}$")
 UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KNOWN_FORMATS = ("pypi", "npm", "maven")
+KNOWN_FORMATS = ("pypi", "npm", "maven", "nuget")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -459,7 +459,11 @@ def _parse_upstream(
             f"{p}.url: {url} is this proxy's own address; an upstream pointing at itself would loop "
             "(set PIP_INDEX_URL or the url key to the real index)"
         )
-    if not url.endswith("/"):
+    if fmt == "nuget" and not parts.path.endswith(".json"):
+        raise ConfigError(
+            f"{p}.url: a NuGet connection names the feed's service index (…/index.json), got {url!r}"
+        )
+    if not url.endswith("/") and fmt != "nuget":  # a NuGet URL is its service index document
         url += "/"
     allow = _get(raw, "allow_hosts", p, list, [])
     if not all(isinstance(h, str) and h for h in allow):

@@ -536,7 +536,8 @@ def test_embedded_default_config() -> None:
     assert config.upstreams["npm"].url == NPM_MIRROR
     public = domain.repository("public")
     assert public is not None
-    assert public.upstreams == ("pypi", "npm", "maven-central")
+    assert public.upstreams == ("pypi", "npm", "maven-central", "nuget-org")
+    assert config.upstreams["nuget-org"].url == "https://api.nuget.org/v3/index.json"
     assert config.upstreams["maven-central"].format == "maven"
     assert config.upstreams["maven-central"].url == "https://repo.maven.apache.org/maven2/"
 
@@ -544,9 +545,9 @@ def test_embedded_default_config() -> None:
 def test_embedded_default_leaves_out_npm_where_npm_is_missing() -> None:
     env = {"PIP_INDEX_URL": MIRROR, "PATH": "/nonexistent"}
     config = load_config(Overrides(), env)
-    assert list(config.upstreams) == ["pypi", "maven-central"]
+    assert list(config.upstreams) == ["pypi", "maven-central", "nuget-org"]
     public = config.domains[0].repository("public")
-    assert public is not None and public.upstreams == ("pypi", "maven-central")
+    assert public is not None and public.upstreams == ("pypi", "maven-central", "nuget-org")
     assert any("upstreams.npm: left out" in note for note in config.notes)
 
 

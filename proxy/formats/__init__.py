@@ -3,6 +3,7 @@
 from proxy.formats.base import FormatAdapter
 from proxy.formats.maven import MavenAdapter
 from proxy.formats.npm import NpmAdapter
+from proxy.formats.nuget import NuGetAdapter
 from proxy.formats.pypi import PyPIAdapter
 
-FORMATS: tuple[type[FormatAdapter], ...] = (PyPIAdapter, NpmAdapter, MavenAdapter)
+FORMATS: tuple[type[FormatAdapter], ...] = (PyPIAdapter, NpmAdapter, MavenAdapter, NuGetAdapter)

@@ -42,6 +42,8 @@ class FormatAdapter(ABC):
     # Maven: a file's upstream URL follows from its name, and no listing names the files; the
     # resolver then asks ``locate`` instead of looking the file up in the merged listing.
     files_at_paths: ClassVar[bool] = False
+    # NuGet: a connection's URL is a service index that says where the package documents are.
+    discovers_service: ClassVar[bool] = False
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -79,6 +81,19 @@ class FormatAdapter(ABC):
     def version_of(self, filename: str) -> str | None:
         """(files_at_paths formats) The version a file belongs to."""
         return None
+
+    def service_base(self, body: bytes) -> str:
+        """(discovers_service formats) From a connection's service index, the URL that
+        ``document_request`` builds on; ValueError when the index is unusable."""
+        raise NotImplementedError
+
+    def linked_documents(self, listing: Listing) -> list[DocumentRequest]:
+        """Documents an upstream listing links instead of inlining (NuGet's registration pages)."""
+        return []
+
+    def with_linked(self, listing: Listing, bodies: list[bytes], source: str) -> Listing:
+        """The listing completed with its linked documents, in the order they were asked for."""
+        return listing
 
     def content_type(self, filename: str) -> str:
         """The media type an asset is served with."""

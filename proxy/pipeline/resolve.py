@@ -298,9 +298,16 @@ class Resolver:
         return Listing(package=package, files=tuple(files), versions=versions, extra=extra)
 
     async def _external(self, client: UpstreamClient, adapter: FormatAdapter, package: str) -> _Collected:
-        req = adapter.document_request(client.config.url, package)
-        doc = await self._documents.get(client, req)
         out = _Collected()
+        base = client.config.url
+        if adapter.discovers_service:
+            try:
+                base = await self._service_base(client, adapter)
+            except ProxyError as exc:
+                out.errors.append(exc)
+                return out
+        req = adapter.document_request(base, package)
+        doc = await self._documents.get(client, req)
         if doc is None:
             return out
         row = doc.row
@@ -324,6 +331,7 @@ class Resolver:
                     )
                 else:
                     parsed = adapter.parse_listing(row.body, row.content_type, row.url, client.name)
+                parsed = await self._with_linked(client, adapter, parsed)
             except ValueError as exc:  # malformed: reported and skipped, never served
                 log.error("upstream %s sent a malformed document for %s: %s", client.name, package, exc)
                 out.errors.append(
@@ -343,6 +351,39 @@ class Resolver:
         if doc.warning:
             out.warnings.append(doc.warning)
         return out
+
+    async def _with_linked(self, client: UpstreamClient, adapter: FormatAdapter, parsed: Listing) -> Listing:
+        """Follow the documents a listing links to (each cached with its own freshness)."""
+        links = adapter.linked_documents(parsed)
+        if not links:
+            return parsed
+        docs = await asyncio.gather(*(self._documents.get(client, link) for link in links))
+        missing = [link.url for link, doc in zip(links, docs, strict=True) if doc is None]
+        if missing:
+            raise ValueError(f"linked documents are missing upstream: {', '.join(missing[:3])}")
+        bodies = [doc.row.body for doc in docs if doc is not None]
+        return adapter.with_linked(parsed, bodies, client.name)
+
+    async def _service_base(self, client: UpstreamClient, adapter: FormatAdapter) -> str:
+        """Where a connection's package documents are, from its service index (a document too)."""
+        doc = await self.service_index(client)
+        try:
+            return adapter.service_base(doc)
+        except ValueError as exc:
+            raise UpstreamCorrupt(
+                f"upstream {client.name}: unusable service index: {exc}", detail={"upstream": client.name}
+            ) from exc
+
+    async def service_index(self, client: UpstreamClient) -> bytes:
+        """A connection's service index (NuGet), through the document cache."""
+        req = DocumentRequest(key="service-index", url=client.config.url, headers={})
+        doc = await self._documents.get(client, req)
+        if doc is None:
+            raise UpstreamUnavailable(
+                f"upstream {client.name} has no service index at {client.config.url}",
+                detail={"upstream": client.name},
+            )
+        return doc.row.body
 
     def first_connection(self, ref: RepoRef, fmt: str) -> UpstreamClient:
         """The first external connection of ``fmt`` along the chain (for pass-through calls)."""
