@@ -309,3 +309,18 @@ async def test_search_without_the_upstream_answers_from_the_repository(
         found = await resp.json()
     await feed.resume_listening()
     assert [hit["id"] for hit in found["data"]] == ["Acme.Beta"], found
+
+
+async def test_origin_rules_go_by_id_prefix(
+    proxy: RunningProxy, http: aiohttp.ClientSession, nupkgs: Nupkgs
+) -> None:
+    api = f"{proxy.url}/-/api/v1/domains/default/repositories/team/origin-rules/nuget"
+    async with http.put(api, json={"pattern": "Team.*", "publish": "BLOCK", "upstream": "ALLOW"}) as resp:
+        assert resp.status in {200, 201}, await resp.text()
+        assert (await resp.json())["pattern"] == "team.*"
+    form = aiohttp.FormData()
+    data = await asyncio.to_thread(nupkgs.gamma.read_bytes)
+    form.add_field("package", data, filename="package.nupkg", content_type="application/octet-stream")
+    async with http.put(f"{proxy.url}/default/nuget/team/api/v2/package", data=form) as resp:
+        assert resp.status == 403
+        assert "team.*" in (await resp.json())["message"]
