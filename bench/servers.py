@@ -87,6 +87,7 @@ name = "default"
 
 [[domains.repositories]]
 name = "public"
+anonymous_read = true
 upstreams = ["fake"]
 """
 

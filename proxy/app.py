@@ -22,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.errors import NotFound, error_middleware
 from proxy.formats import FORMATS
 from proxy.model import RepoRef
@@ -40,11 +42,16 @@ from proxy.pipeline.publish import Publisher
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
 from proxy.pipeline.services import Pipeline
+from proxy.security.access import ADMIN_TOKEN_ENV, DEFAULT_PERMISSION, AccessControl
+from proxy.security.audit import AuditLog
+from proxy.security.tokens import TokenStore
+from proxy.server.admin import API as ADMIN_API
 from proxy.server.admin import AdminRoutes
 from proxy.server.assets import AssetSender
 from proxy.server.middleware import request_id_middleware
 from proxy.server.pages import PageStore
 from proxy.server.routing import path_safety_middleware
+from proxy.server.security_api import SecurityRoutes
 from proxy.server.system import SystemRoutes
 from proxy.storage.catalog import Catalog
 from proxy.storage.hot import HotCache
@@ -92,22 +99,31 @@ def build_services(
     )
     clients = {name: UpstreamClient(up) for name, up in config.upstreams.items()} if upstreams else {}
     flights = FlightGroup()
+    server = config.server
+    audit = AuditLog(index, fetches=server.audit_fetches, file=server.audit_file)
+    tokens = TokenStore(
+        index, server.token_default_duration, server.token_min_duration, server.token_max_duration
+    )
     documents = DocumentCache(index, config.server)
     catalog = Catalog(index)
     registry = RepositoryRegistry(catalog, config.upstreams)
     fetcher = Fetcher(config.server, blobs, staging)
-    resolver = Resolver(config, registry, index, catalog, hot, blobs, fetcher, documents, clients, flights)
+    resolver = Resolver(
+        config, registry, index, catalog, hot, blobs, fetcher, documents, clients, flights, audit
+    )
     registry.on_change(resolver.index_changed_elsewhere)
     pipeline = Pipeline(
         config=config,
         resolver=resolver,
-        publisher=Publisher(resolver, catalog, blobs, staging, fetcher, config.server.max_upload_size),
+        publisher=Publisher(resolver, catalog, blobs, staging, fetcher, config.server.max_upload_size, audit),
         registry=registry,
-        packages=PackageService(resolver, catalog, index),
+        packages=PackageService(resolver, catalog, index, audit),
         hot=hot,
         blobs=blobs,
         sender=AssetSender(blobs, sendfile_pool),
         pages=PageStore(hot, page_files, sendfile_pool),
+        audit=audit,
+        tokens=tokens,
     )
     return Services(pipeline, index, blobs, staging, flights, documents, clients, page_files)
 
@@ -124,23 +140,33 @@ def build_app(config: Config) -> web.Application:
     flights, documents, clients = services.flights, services.documents, services.clients
     registry, resolver = pipeline.registry, pipeline.resolver
 
+    access = AccessControl(
+        config.server, pipeline.tokens, registry, pipeline.audit, os.environ.get(ADMIN_TOKEN_ENV) or None
+    )
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, path_safety_middleware],
+        middlewares=[request_id_middleware, error_middleware, path_safety_middleware, access.middleware],
     )
     app[PIPELINE] = pipeline
     app[FLIGHTS] = flights
 
-    SystemRoutes(index, data_dir).register(app.router)
+    SystemRoutes(index, data_dir, pipeline.audit).register(app.router)
+    SecurityRoutes(pipeline.tokens, pipeline.audit, access).register(app.router)
     AdminRoutes(pipeline).register(app.router)
+    for route in app.router.routes():  # the admin API: admin of the domain in the path, or of all
+        info = route.resource.get_info() if route.resource is not None else {}
+        template = str(info.get("formatter") or info.get("path") or "")
+        if template.startswith(f"{ADMIN_API}/domains") and route.method != "HEAD":
+            access.require(route, "admin", "domain" if "{domain}" in template else "proxy")
     known = {cls.name for cls in FORMATS}
     for cls in FORMATS:
         adapter = cls(pipeline)
         for spec in adapter.routes():
             path = f"/{{domain}}/{cls.name}/{{repo}}{spec.suffix}"
             if spec.method == "GET":
-                app.router.add_get(path, spec.handler)
+                route = app.router.add_get(path, spec.handler)
             else:
-                app.router.add_route(spec.method, path, spec.handler)
+                route = app.router.add_route(spec.method, path, spec.handler)
+            access.require(route, spec.permission or DEFAULT_PERMISSION[spec.method], "repository")
 
     async def not_found(request: web.Request) -> web.StreamResponse:
         domain = request.match_info.get("domain", "")
@@ -164,11 +190,24 @@ def build_app(config: Config) -> web.Application:
             log.info("removed %d leftover temp files from an earlier run", removed)
         await index.open()
         await registry.seed(config)
+        if config.server.admin_token_file is not None:
+            access.use_admin_secret(await asyncio.to_thread(_read_secret, config.server.admin_token_file))
+        pipeline.audit.start()
         for client in clients.values():
             await client.start()
         toucher = asyncio.create_task(
-            _housekeeping(index, registry, resolver, services.page_files), name="housekeeping"
+            _housekeeping(index, registry, resolver, services.page_files, pipeline.tokens),
+            name="housekeeping",
         )
+        if not config.server.auth:
+            log.warning(
+                "access control is OFF (server.auth = false): anyone who reaches this port may publish"
+            )
+        elif not access.has_admin:
+            log.warning(
+                "no bootstrap admin: set %s or server.admin_token_file to administer over HTTP",
+                ADMIN_TOKEN_ENV,
+            )
         log.info(
             "ready: data in %s, %d upstream(s), offline=%s",
             data_dir,
@@ -187,11 +226,23 @@ def build_app(config: Config) -> web.Application:
                 await client.close()
             with contextlib.suppress(Exception):
                 await resolver.flush_touches()
+                await pipeline.tokens.flush_last_used()
+            try:
+                await pipeline.audit.aclose()
+            except Exception:
+                log.exception("could not write the last audit records")
             await index.close()
             sendfile_pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def _read_secret(path: Path) -> str:
+    secret = path.read_text(encoding="utf-8").strip()
+    if len(secret) < 32:
+        raise ConfigError(f"server.admin_token_file: {path} must hold a secret of at least 32 characters")
+    return secret
 
 
 def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, page_files: PageFiles) -> int:
@@ -201,7 +252,7 @@ def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, page_files: PageF
 
 
 async def _housekeeping(
-    index: Index, registry: RepositoryRegistry, resolver: Resolver, page_files: PageFiles
+    index: Index, registry: RepositoryRegistry, resolver: Resolver, page_files: PageFiles, tokens: TokenStore
 ) -> None:
     """Every few seconds: notice changes the CLI made to the index; now and then, access times."""
     version = await index.data_version()
@@ -214,10 +265,12 @@ async def _housekeeping(
                 version = current
                 await registry.reload()
                 resolver.index_changed_elsewhere()
+                tokens.forget_verified()  # a token revoked by the CLI stops working here too
                 log.info("the index was changed by another process; reloaded repositories")
             if time.monotonic() - last_touch >= TOUCH_INTERVAL:
                 last_touch = time.monotonic()
                 await resolver.flush_touches()
                 await asyncio.to_thread(page_files.sweep)
+                await tokens.flush_last_used()
         except Exception:
             log.exception("housekeeping failed; retrying")

@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     common_options(serve)
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8080)")
     serve.add_argument("--offline", action="store_true", default=None, help="never contact upstreams")
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate chain (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     serve.add_argument("--log-level", default=os.environ.get("ARTIFACT_PROXY_LOG_LEVEL", "INFO"))
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
@@ -47,6 +51,8 @@ def load(args: argparse.Namespace) -> Config:
         listen=getattr(args, "listen", None),
         data_dir=args.data_dir,
         offline=getattr(args, "offline", None),
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
     )
     return load_config(flags.over(Overrides.from_env(os.environ)), os.environ)
 
@@ -67,10 +73,15 @@ def serve(config: Config, log_level: str) -> int:
         log.info("upstream %s (%s): %s", name, upstream.format, upstream.url)
     for note in config.notes:
         log.warning("%s", note)
+    ssl_context = None
+    if config.server.tls_cert is not None and config.server.tls_key is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
     web.run_app(
         build_app(config),
         host=config.server.host,
         port=config.server.port,
+        ssl_context=ssl_context,
         access_log_class=AccessLogger,
         shutdown_timeout=config.server.shutdown_timeout,
         print=lambda text: log.info("%s", text.strip()),

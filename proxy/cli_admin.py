@@ -145,6 +145,9 @@ def add_admin_parsers(sub: Subparsers) -> None:
         action="store_true",
         help="let Maven release files be deployed again with other bytes (off: immutable)",
     )
+    create.add_argument(
+        "--anonymous-read", action="store_true", help="let clients without a token read the repository"
+    )
     leaf(repo, "describe", "show a repository", _repo_describe, "domain", "name")
     upstreams = leaf(
         repo, "set-upstreams", "replace a repository's upstreams", _repo_upstreams, "domain", "name"
@@ -254,6 +257,7 @@ async def _repo_create(ops: AdminOps, args: argparse.Namespace) -> Outcome:
         args.description,
         args.min_release_age,
         allow_redeploy=args.allow_redeploy,
+        anonymous_read=args.anonymous_read,
     )
     return Outcome(data, [f"created {_repo_line(data)}"])
 
@@ -266,6 +270,7 @@ async def _repo_describe(ops: AdminOps, args: argparse.Namespace) -> Outcome:
         f"  upstreams:       {', '.join(r['upstreams']) or '(none)'}",
         f"  min release age: {_duration(r['min_release_age'])}",
         f"  allow redeploy:  {'yes' if r['allow_redeploy'] else 'no'}",
+        f"  anonymous read:  {'yes' if r['anonymous_read'] else 'no'}",
         f"  downstreams:     {', '.join(r['downstreams']) or '(none)'}",
         f"  defined in:      {'the config file' if r['from_config'] else 'the index (API or CLI)'}",
     ]

@@ -117,6 +117,16 @@ class ServerConfig:
     hot_cache_entries: int = 4096
     memory_cache_size: int = 128 * 2**20
     shutdown_timeout: float = 30.0
+    # Access control (proxy/security/): on unless a config turns it off for local development.
+    auth: bool = True
+    admin_token_file: Path | None = None  # else ARTIFACT_PROXY_ADMIN_TOKEN; never a default
+    token_default_duration: float = 12 * 3600.0
+    token_min_duration: float = 15 * 60.0  # CodeArtifact's bounds
+    token_max_duration: float = 12 * 3600.0
+    audit_fetches: str = "misses"  # all | misses | none
+    audit_file: Path | None = None  # also write the trail as JSON lines here
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +145,7 @@ class UpstreamConfig:
     allow_hosts: tuple[str, ...] = ()
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
+    ca_bundle: Path | None = None  # PEM CAs trusted for this connection (besides the system's)
 
     @property
     def origin(self) -> tuple[str, str, int]:
@@ -153,6 +164,7 @@ class RepositoryConfig:
     description: str = ""
     min_release_age: float = 0.0
     allow_redeploy: bool = False  # Maven: a release file may be deployed again with other bytes
+    anonymous_read: bool = False  # clients without a token may read (server.auth on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +207,8 @@ class Overrides:
     listen: str | None = None
     data_dir: Path | None = None
     offline: bool | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Overrides:
@@ -220,6 +234,8 @@ class Overrides:
             listen=self.listen or base.listen,
             data_dir=self.data_dir or base.data_dir,
             offline=self.offline if self.offline is not None else base.offline,
+            tls_cert=self.tls_cert or base.tls_cert,
+            tls_key=self.tls_key or base.tls_key,
         )
 
 
@@ -385,9 +401,13 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         "max_staleness",
         "asset_timeout",
         "shutdown_timeout",
+        "token_default_duration",
+        "token_min_duration",
+        "token_max_duration",
     }
     sizes = {"max_metadata_size", "max_asset_size", "max_upload_size", "memory_cache_size"}
-    plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries"}
+    plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries", "auth"}
+    plain |= {"admin_token_file", "audit_fetches", "audit_file", "tls_cert", "tls_key"}
     _only_keys(raw, p, durations | sizes | plain)
     listen = overrides.listen or _get(raw, "listen", p, str, f"{d.host}:{d.port}")
     host, port = parse_listen(
@@ -406,6 +426,20 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         raise ConfigError(f"{p}.hot_cache_entries: must be at least 16")
     values: dict[str, Any] = {k: parse_duration(raw[k], f"{p}.{k}") for k in durations if k in raw}
     values |= {k: parse_size(raw[k], f"{p}.{k}") for k in sizes if k in raw}
+    for key in ("admin_token_file", "audit_file", "tls_cert", "tls_key"):
+        path = getattr(overrides, key, None) or _get(raw, key, p, str, "")
+        values[key] = Path(path) if path else None
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        raise ConfigError(f"{p}.tls_cert and {p}.tls_key: give both or neither")
+    fetches = _get(raw, "audit_fetches", p, str, d.audit_fetches)
+    if fetches not in {"all", "misses", "none"}:
+        raise ConfigError(f"{p}.audit_fetches: one of all, misses, none; got {fetches!r}")
+    low = values.get("token_min_duration", d.token_min_duration)
+    high = values.get("token_max_duration", d.token_max_duration)
+    default = values.get("token_default_duration", min(d.token_default_duration, high))
+    if not 0 < low <= default <= high:
+        raise ConfigError(f"{p}: token durations must satisfy 0 < min <= default <= max")
+    values["token_default_duration"] = default
     return replace(
         d,
         host=host,
@@ -415,6 +449,8 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         public_url=public_url,
         trust_forwarded=_get(raw, "trust_forwarded", p, bool, False),
         hot_cache_entries=entries,
+        auth=_get(raw, "auth", p, bool, True),
+        audit_fetches=fetches,
         **values,
     )
 
@@ -433,7 +469,9 @@ def _parse_upstream(
         "breaker_cooldown",
     }
     ints = {"retries", "max_connections", "breaker_threshold"}
-    _only_keys(raw, p, durations | ints | {"format", "url", "allow_hosts", "credentials", "optional"})
+    _only_keys(
+        raw, p, durations | ints | {"format", "url", "allow_hosts", "credentials", "optional", "ca_bundle"}
+    )
     optional = _get(raw, "optional", p, bool, False)
     fmt = _get(raw, "format", p, str, None)
     if fmt is None:
@@ -475,6 +513,9 @@ def _parse_upstream(
             if number < (0 if key == "retries" else 1):
                 raise ConfigError(f"{p}.{key}: must be {'>= 0' if key == 'retries' else '>= 1'}")
             values[key] = number
+    bundle = _get(raw, "ca_bundle", p, str, "")
+    if bundle:
+        values["ca_bundle"] = Path(bundle)
     return UpstreamConfig(
         name=name, format=fmt, url=url, allow_hosts=tuple(h.lower() for h in allow), **values
     )
@@ -510,7 +551,9 @@ def _parse_domain(index: int, raw: object, upstreams: Mapping[str, UpstreamConfi
 def _parse_repository(p: str, raw: object) -> RepositoryConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a table")
-    _only_keys(raw, p, {"name", "upstreams", "description", "min_release_age", "allow_redeploy"})
+    _only_keys(
+        raw, p, {"name", "upstreams", "description", "min_release_age", "allow_redeploy", "anonymous_read"}
+    )
     name = _get(raw, "name", p, str, None)
     if name is None or not NAME_RE.match(name):
         raise ConfigError(f"{p}.name: expected a name matching [a-z][a-z0-9-]{{1,49}}, got {name!r}")
@@ -526,4 +569,5 @@ def _parse_repository(p: str, raw: object) -> RepositoryConfig:
         description=_get(raw, "description", p, str, ""),
         min_release_age=age,
         allow_redeploy=_get(raw, "allow_redeploy", p, bool, False),
+        anonymous_read=_get(raw, "anonymous_read", p, bool, False),
     )

@@ -122,7 +122,8 @@ def proxy_config(
         if key.startswith("upstream_"):
             upstream[key.removeprefix("upstream_")] = server.pop(key)
     return {
-        "server": {"data_dir": str(data_dir), "soft_deadline": "2s", **server},
+        # Access control has its own tests (test_security.py); elsewhere it is off unless asked for.
+        "server": {"data_dir": str(data_dir), "soft_deadline": "2s", "auth": False, **server},
         "upstreams": {connection: upstream},
         "domains": [
             {
@@ -142,6 +143,7 @@ def write_config_file(path: Path, data_dir: Path, upstream_url: str, *, port: in
     path.write_text(
         f"""[server]
 {listen}data_dir = "{data_dir}"
+auth = false
 
 [upstreams.fake]
 format = "pypi"

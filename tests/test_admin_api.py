@@ -132,6 +132,7 @@ async def test_repositories_are_created_described_changed_and_deleted(api: Api, 
         "upstreams": ["public"],
         "min_release_age": 3 * 86400,
         "allow_redeploy": False,
+        "anonymous_read": False,
         "downstreams": [],
         "from_config": False,
     }
@@ -485,5 +486,5 @@ async def test_the_openapi_description_lists_exactly_the_endpoints(proxy: Runnin
         for route in resource
         if route.method not in ("*", "HEAD")
     }
-    assert len(served) == 20
+    assert len(served) == 24
     assert await asyncio.to_thread(_documented_operations) == served

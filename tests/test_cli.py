@@ -104,6 +104,7 @@ async def test_repositories_are_created_described_changed_and_deleted(cli: Cli) 
         "upstreams": ["team"],
         "min_release_age": 259200.0,
         "allow_redeploy": False,
+        "anonymous_read": False,
         "downstreams": [],
         "from_config": False,
     }

@@ -238,4 +238,4 @@ async def test_health_and_readiness(proxy: RunningProxy, http: aiohttp.ClientSes
         assert resp.status == 200
     async with http.get(proxy.url + "/-/readyz") as resp:
         assert resp.status == 200
-        assert (await resp.json())["checks"] == {"index": "ok", "blobs": "ok", "tmp": "ok"}
+        assert (await resp.json())["checks"] == {"index": "ok", "blobs": "ok", "tmp": "ok", "audit": "ok"}

@@ -33,6 +33,7 @@ class RouteSpec:
     method: str
     suffix: str
     handler: Handler
+    permission: str | None = None  # read, publish, delete; by default from the method
 
 
 class FormatAdapter(ABC):

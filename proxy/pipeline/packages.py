@@ -17,6 +17,7 @@ from proxy.errors import BadRequest, Conflict, NotFound
 from proxy.model import AssetRecord, RepoRef
 from proxy.pipeline.origin import valid_switch
 from proxy.pipeline.resolve import Resolver
+from proxy.security.audit import AuditLog
 from proxy.storage.catalog import VERSION_STATUSES, Catalog, OriginRule, QuarantineEntry, VersionRow
 from proxy.storage.index import Index
 
@@ -26,10 +27,11 @@ log = logging.getLogger("proxy.packages")
 class PackageService:
     """See the module docstring."""
 
-    def __init__(self, resolver: Resolver, catalog: Catalog, index: Index) -> None:
+    def __init__(self, resolver: Resolver, catalog: Catalog, index: Index, audit: AuditLog) -> None:
         self._resolver = resolver
         self._catalog = catalog
         self._index = index
+        self._audit = audit
 
     def _repo(self, ref: RepoRef) -> None:
         self._resolver.repository(ref)
@@ -87,6 +89,7 @@ class PackageService:
             raise Conflict(f"{package} {version} is disposed: its files are gone")
         await self._catalog.set_status(ref, fmt, package, version, status)
         self._changed(ref, fmt, package)
+        self._audit.record("status", detail={"status": status}, **_where(ref, fmt, package, version))
         log.info("status of %s %s in %s/%s set to %s", package, version, ref.domain, ref.repository, status)
 
     async def delete(
@@ -96,6 +99,7 @@ class PackageService:
         await self._version(ref, fmt, package, version)
         await self._catalog.dispose(ref, fmt, package, version, forget=not keep_record)
         self._changed(ref, fmt, package)
+        self._audit.record("delete", **_where(ref, fmt, package, version))
         log.info("deleted %s %s from %s/%s", package, version, ref.domain, ref.repository)
 
     async def copy(self, src: RepoRef, dst: RepoRef, fmt: str, package: str, version: str) -> None:
@@ -122,6 +126,7 @@ class PackageService:
         if not await self._catalog.publish(copied, assets):
             raise Conflict(f"{package} {version} already has files in {dst.repository}")
         self._resolver.published(assets)
+        self._audit.record("copy", detail={"from": src.repository}, **_where(dst, fmt, package, version))
 
     async def published_versions(self, ref: RepoRef, fmt: str, package: str) -> dict[str, VersionRow]:
         self._repo(ref)
@@ -138,12 +143,14 @@ class PackageService:
             raise BadRequest(f"invalid tag name {tag!r}")
         await self._catalog.put_tag(ref, fmt, package, tag, version)
         self._changed(ref, fmt, package)
+        self._audit.record("tag", detail={"tag": tag}, **_where(ref, fmt, package, version))
 
     async def delete_tag(self, ref: RepoRef, fmt: str, package: str, tag: str) -> None:
         self._repo(ref)
         if not await self._catalog.delete_tag(ref, fmt, package, tag):
             raise NotFound(f"{package} has no tag {tag!r} in {ref.repository}")
         self._changed(ref, fmt, package)
+        self._audit.record("untag", detail={"tag": tag}, **_where(ref, fmt, package, ""))
 
     async def update_attributes(
         self, ref: RepoRef, fmt: str, package: str, version: str, attributes: dict[str, Any]
@@ -176,12 +183,15 @@ class PackageService:
             raise BadRequest("publish and upstream must each be ALLOW or BLOCK")
         await self._catalog.put_origin_rule(ref, fmt, rule)
         self._changed(ref, fmt, None)
+        detail = {"pattern": rule.pattern, "publish": rule.publish, "upstream": rule.upstream}
+        self._audit.record("policy", detail=detail, **_where(ref, fmt, "", ""))
 
     async def delete_origin_rule(self, ref: RepoRef, fmt: str, pattern: str) -> None:
         self._repo(ref)
         if not await self._catalog.delete_origin_rule(ref, fmt, pattern):
             raise NotFound(f"no origin rule {pattern!r} in {ref.repository}")
         self._changed(ref, fmt, None)
+        self._audit.record("policy", detail={"pattern": pattern, "removed": True}, **_where(ref, fmt, "", ""))
 
     async def quarantine(self, ref: RepoRef, fmt: str) -> list[QuarantineEntry]:
         self._repo(ref)
@@ -193,12 +203,16 @@ class PackageService:
             raise BadRequest("a quarantine pattern is 'package' or 'package@version' (wildcards allowed)")
         await self._catalog.put_quarantine(ref, fmt, entry)
         self._changed(ref, fmt, None)
+        detail = {"quarantine": entry.pattern, "reason": entry.reason}
+        self._audit.record("policy", detail=detail, **_where(ref, fmt, "", ""))
 
     async def delete_quarantine(self, ref: RepoRef, fmt: str, pattern: str) -> None:
         self._repo(ref)
         if not await self._catalog.delete_quarantine(ref, fmt, pattern):
             raise NotFound(f"no quarantine entry {pattern!r} in {ref.repository}")
         self._changed(ref, fmt, None)
+        detail = {"quarantine": pattern, "removed": True}
+        self._audit.record("policy", detail=detail, **_where(ref, fmt, "", ""))
 
     def _changed(self, ref: RepoRef, fmt: str, package: str | None) -> None:
         self._resolver.catalog_changed(ref.domain, fmt, package)
@@ -225,4 +239,14 @@ def _asset_json(rec: AssetRecord) -> dict[str, Any]:
         "size": rec.size,
         "hosted": rec.hosted,
         "upstream": rec.upstream,
+    }
+
+
+def _where(ref: RepoRef, fmt: str, package: str, version: str) -> dict[str, str]:
+    return {
+        "domain": ref.domain,
+        "repository": ref.repository,
+        "format": fmt,
+        "package": package,
+        "version": version,
     }

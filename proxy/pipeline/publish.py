@@ -18,6 +18,7 @@ from proxy.errors import Conflict, PublishBlocked
 from proxy.model import AssetRecord, RepoRef
 from proxy.pipeline.fetch import Fetcher
 from proxy.pipeline.resolve import Resolver
+from proxy.security.audit import AuditLog
 from proxy.storage.catalog import Catalog, VersionRow
 from proxy.storage.local import LocalBlobStore
 from proxy.storage.staging import StagedBlob, StagingArea
@@ -52,6 +53,7 @@ class Publisher:
         staging: StagingArea,
         fetcher: Fetcher,
         max_upload_size: int,
+        audit: AuditLog,
     ) -> None:
         self._resolver = resolver
         self._catalog = catalog
@@ -59,6 +61,7 @@ class Publisher:
         self.staging = staging
         self._fetcher = fetcher
         self.max_upload_size = max_upload_size
+        self._audit = audit
 
     async def check_allowed(self, ref: RepoRef, fmt: str, package: str) -> None:
         """Refuse early (before the body is read) when the repository may not take the package."""
@@ -66,6 +69,14 @@ class Publisher:
         policy = await self._resolver.policy(ref, fmt, package)
         why = policy.publish_block_reason()
         if why is not None:
+            self._audit.record(
+                "publish",
+                result="blocked",
+                domain=ref.domain,
+                repository=ref.repository,
+                format=fmt,
+                package=package,
+            )
             raise PublishBlocked(
                 f"{package} cannot be published to {ref.domain}/{ref.repository}: {why}",
                 detail={"package": package},
@@ -116,12 +127,23 @@ class Publisher:
             status="Published",
             attributes=upload.attributes,
         )
+        where = {
+            "domain": ref.domain,
+            "repository": ref.repository,
+            "format": adapter.name,
+            "package": upload.package,
+            "version": upload.version,
+            "digest": info.digest.hex,
+            "detail": {"filename": upload.filename, "size": info.size},
+        }
         if not await self._catalog.publish(version, records, replace=replace):
+            self._audit.record("publish", result="conflict", **where)
             raise Conflict(
                 f"{upload.filename} already exists in {ref.domain}/{ref.repository}; "
                 "published files are immutable",
                 detail={"package": upload.package, "filename": upload.filename},
             )
         self._resolver.published(records)
+        self._audit.record("publish", result="replaced" if replace else "ok", **where)
         log.info("published %s %s to %s/%s", upload.package, upload.filename, ref.domain, ref.repository)
         return main

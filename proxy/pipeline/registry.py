@@ -149,6 +149,7 @@ def _config(row: RepositoryRow) -> RepositoryConfig:
         description=row.description,
         min_release_age=row.min_release_age,
         allow_redeploy=row.allow_redeploy,
+        anonymous_read=row.anonymous_read,
     )
 
 
@@ -161,4 +162,5 @@ def _row(domain: str, repo: RepositoryConfig) -> RepositoryRow:
         min_release_age=repo.min_release_age,
         created_at=time.time(),
         allow_redeploy=repo.allow_redeploy,
+        anonymous_read=repo.anonymous_read,
     )

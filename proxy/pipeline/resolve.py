@@ -33,6 +33,7 @@ from proxy.pipeline.documents import DocumentCache, DocumentRequest
 from proxy.pipeline.fetch import Fetcher
 from proxy.pipeline.origin import PackagePolicy, matching_rule
 from proxy.pipeline.registry import RepositoryRegistry
+from proxy.security.audit import AuditLog
 from proxy.storage.blobs import BlobInfo
 from proxy.storage.catalog import Catalog, QuarantineEntry
 from proxy.storage.hot import HotCache
@@ -114,6 +115,7 @@ class Resolver:
         documents: DocumentCache,
         clients: Mapping[str, UpstreamClient],
         flights: FlightGroup,
+        audit: AuditLog,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -125,6 +127,7 @@ class Resolver:
         self._documents = documents
         self._clients = clients
         self._flights = flights
+        self._audit = audit
         self._touched: set[tuple[RepoRef, str, str, str]] = set()
         self._policies: dict[tuple[RepoRef, str, str], PackagePolicy] = {}
 
@@ -432,10 +435,15 @@ class Resolver:
         fmt = adapter.name
         policy = await self.policy(ref, fmt, package)
         record = await self._stored(ref, fmt, package, filename)
+        where = {"domain": ref.domain, "repository": ref.repository, "format": fmt, "package": package}
         if record is not None:
             self._check_visible(ref, package, record, policy)
             self._touched.add((ref, fmt, package, filename))
+            self._audit.fetch("HIT", version=record.version, digest=record.digest.hex, **where)
             return AssetHandle(CacheStatus.HIT, record=record)
+        self._audit.fetch(
+            "MISS", version=self.version_hint(adapter, filename), detail={"filename": filename}, **where
+        )
         if adapter.files_at_paths:
             if self.config.server.offline:
                 raise Offline(f"offline mode: {filename} was never cached, so it cannot be served")
@@ -621,6 +629,10 @@ class Resolver:
     async def stored_asset(self, ref: RepoRef, fmt: str, package: str, filename: str) -> AssetRecord | None:
         """A file stored in the repository or along its repository chain (no upstream asked)."""
         return await self._stored(ref, fmt, package, filename)
+
+    @staticmethod
+    def version_hint(adapter: FormatAdapter, filename: str) -> str:
+        return adapter.version_of(filename) or ""
 
     def _check_visible(self, ref: RepoRef, package: str, record: AssetRecord, policy: PackagePolicy) -> None:
         """A stored file is served only while the repository's rules still show its version."""

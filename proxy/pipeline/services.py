@@ -9,6 +9,8 @@ from proxy.pipeline.packages import PackageService
 from proxy.pipeline.publish import Publisher
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
+from proxy.security.audit import AuditLog
+from proxy.security.tokens import TokenStore
 from proxy.server.assets import AssetSender
 from proxy.server.pages import PageStore
 from proxy.storage.hot import HotCache
@@ -28,3 +30,5 @@ class Pipeline:
     blobs: LocalBlobStore
     sender: AssetSender
     pages: PageStore
+    audit: AuditLog
+    tokens: TokenStore

@@ -97,7 +97,10 @@ class AdminRoutes:
 
     async def create_repository(self, request: web.Request) -> web.StreamResponse:
         domain = request.match_info["domain"]
-        body = await _body(request, {"name", "upstreams", "description", "min_release_age", "allow_redeploy"})
+        body = await _body(
+            request,
+            {"name", "upstreams", "description", "min_release_age", "allow_redeploy", "anonymous_read"},
+        )
         age = body.get("min_release_age")
         created = await self.ops.create_repository(
             domain,
@@ -106,6 +109,7 @@ class AdminRoutes:
             description=_text(body, "description", default=""),
             min_release_age=0.0 if age is None else parse_min_release_age(age),
             allow_redeploy=_flag(body, "allow_redeploy"),
+            anonymous_read=_flag(body, "anonymous_read"),
         )
         return _created(created, f"{API}/domains/{domain}/repositories/{created['name']}")
 

@@ -147,6 +147,7 @@ class AdminOps:
             "upstreams": list(repo.upstreams),
             "min_release_age": repo.min_release_age,
             "allow_redeploy": repo.allow_redeploy,
+            "anonymous_read": repo.anonymous_read,
             "downstreams": self._registry.downstreams(ref),
             "from_config": self.from_config(domain, name),
         }
@@ -159,6 +160,7 @@ class AdminOps:
         description: str = "",
         min_release_age: float = 0.0,
         allow_redeploy: bool = False,
+        anonymous_read: bool = False,
     ) -> Json:
         repo = RepositoryConfig(
             name=name,
@@ -166,6 +168,7 @@ class AdminOps:
             description=description,
             min_release_age=min_release_age,
             allow_redeploy=allow_redeploy,
+            anonymous_read=anonymous_read,
         )
         async with self._changing:
             await self._registry.create_repository(domain, repo)

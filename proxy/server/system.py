@@ -8,6 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy.security.audit import AuditLog
 from proxy.storage.index import Index
 
 
@@ -18,9 +19,10 @@ def _dir_usable(path: Path) -> bool:
 class SystemRoutes:
     """``/-/healthz``: the process answers. ``/-/readyz``: the index and data directory work."""
 
-    def __init__(self, index: Index, data_dir: Path) -> None:
+    def __init__(self, index: Index, data_dir: Path, audit: AuditLog) -> None:
         self._index = index
         self._data_dir = data_dir
+        self._audit = audit
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get("/-/healthz", self.healthz)
@@ -39,6 +41,7 @@ class SystemRoutes:
         for name in ("blobs", "tmp"):
             usable = await asyncio.to_thread(_dir_usable, self._data_dir / name)
             checks[name] = "ok" if usable else "not writable"
+        checks["audit"] = self._audit.failing or "ok"
         ready = all(v == "ok" for v in checks.values())
         return web.json_response(
             {"status": "ready" if ready else "not ready", "checks": checks},

@@ -28,6 +28,7 @@ class RepositoryRow:
     min_release_age: float
     created_at: float
     allow_redeploy: bool = False
+    anonymous_read: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class Catalog:
     async def repositories(self) -> list[RepositoryRow]:
         sql = (
             "SELECT domain, name, description, upstreams, min_release_age, created_at, "
-            "allow_redeploy FROM repositories ORDER BY domain, name"
+            "allow_redeploy, anonymous_read FROM repositories ORDER BY domain, name"
         )
         async with self._index.db.execute(sql) as cur:
             rows = await cur.fetchall()
@@ -83,6 +84,7 @@ class Catalog:
                 min_release_age=float(r[4]),
                 created_at=float(r[5]),
                 allow_redeploy=bool(r[6]),
+                anonymous_read=bool(r[7]),
             )
             for r in rows
         ]
@@ -117,13 +119,15 @@ class Catalog:
     async def _write_repository(self, row: RepositoryRow, *, replace: bool) -> bool:
         conflict = (
             "DO UPDATE SET description=excluded.description, upstreams=excluded.upstreams, "
-            "min_release_age=excluded.min_release_age, allow_redeploy=excluded.allow_redeploy"
+            "min_release_age=excluded.min_release_age, allow_redeploy=excluded.allow_redeploy, "
+            "anonymous_read=excluded.anonymous_read"
             if replace
             else "DO NOTHING"
         )
         cur = await self._index.db.execute(
             "INSERT INTO repositories (domain, name, description, upstreams, min_release_age, "
-            f"created_at, allow_redeploy) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, name) {conflict}",
+            "created_at, allow_redeploy, anonymous_read) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (domain, name) {conflict}",
             (
                 row.domain,
                 row.name,
@@ -132,6 +136,7 @@ class Catalog:
                 row.min_release_age,
                 row.created_at or time.time(),
                 int(row.allow_redeploy),
+                int(row.anonymous_read),
             ),
         )
         return cur.rowcount > 0

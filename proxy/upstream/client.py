@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import random
 import socket
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -104,16 +105,26 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        # Upstream TLS is always verified: against the system's CAs, plus a connection's own
+        # bundle when it has one (a private registry behind an internal CA).
+        tls = await asyncio.to_thread(self._tls_context)  # reads CA files: off the loop
         connector = aiohttp.TCPConnector(
             limit=self.config.max_connections,
             resolver=GuardedResolver(frozenset({self._origin[1]})),
             ttl_dns_cache=300,
+            ssl=tls,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers={"User-Agent": USER_AGENT},
             trust_env=False,
         )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        tls = ssl.create_default_context()
+        if self.config.ca_bundle is not None:
+            tls.load_verify_locations(cafile=self.config.ca_bundle)
+        return tls
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,0 +1,1 @@
+"""Access control: tokens, the policy middleware, the audit trail."""

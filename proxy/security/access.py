@@ -1,0 +1,186 @@
+"""The access check: one middleware, before any adapter code runs.
+
+Every route that serves or changes packages declares what it needs when the app is built: a
+permission (read, publish, delete, admin) and where it applies (the repository in its path, the
+domain in its path, or the whole proxy). The middleware finds the caller's credential the way
+each client already sends one (HTTP Basic with the token as password: pip, uv, twine, mvn,
+NuGet feeds; ``Authorization: Bearer``: npm's ``_authToken``; ``X-NuGet-ApiKey``: nuget push),
+verifies it, and answers 401 (with a Basic challenge, so clients prompt or use their credential
+helpers) or 403 naming the missing permission. Repositories may allow anonymous reads. Failures
+and denials go to the audit trail; the token itself never goes anywhere.
+
+The bootstrap administrator's secret comes from ``ARTIFACT_PROXY_ADMIN_TOKEN`` or the file named
+by ``server.admin_token_file``; there is no default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from aiohttp import hdrs, web
+
+from proxy.config import ServerConfig
+from proxy.errors import Forbidden, Handler, NotFound
+from proxy.model import RepoRef
+from proxy.pipeline.registry import RepositoryRegistry
+from proxy.security.audit import ACTOR, Actor, AuditLog
+from proxy.security.tokens import PERMISSIONS, Token, TokenStore, unauthenticated
+
+Scope = Literal["repository", "domain", "proxy", "authenticated"]
+ADMIN_TOKEN_ENV = "ARTIFACT_PROXY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+DEFAULT_PERMISSION = {"GET": "read", "HEAD": "read", "POST": "publish", "PUT": "publish", "DELETE": "delete"}
+TOKEN_KEY = web.RequestKey("token", object)
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    permission: str
+    scope: Scope
+
+
+def bootstrap_token(secret: str | None) -> tuple[str | None, Token]:
+    """The built-in administrator: every permission on every domain, never stored."""
+    token = Token(
+        id="bootstrap",
+        principal="admin",
+        domain=None,
+        repository=None,
+        permissions=frozenset(PERMISSIONS),
+        created_at=0.0,
+        expires_at=float("inf"),
+    )
+    return secret, token
+
+
+class AccessControl:
+    """The route requirements and the middleware that enforces them. Built in ``build_app``."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        tokens: TokenStore,
+        registry: RepositoryRegistry,
+        audit: AuditLog,
+        admin_secret: str | None,
+    ) -> None:
+        self.enabled = server.auth
+        self._trust_forwarded = server.trust_forwarded
+        self.tokens = tokens
+        self.registry = registry
+        self._audit = audit
+        self._admin_secret, self.bootstrap = bootstrap_token(admin_secret)
+        self._requirements: dict[tuple[Hashable, str], Requirement] = {}
+
+    def use_admin_secret(self, secret: str) -> None:
+        self._admin_secret = secret
+
+    @property
+    def has_admin(self) -> bool:
+        return bool(self._admin_secret)
+
+    def require(self, route: web.AbstractRoute, permission: str, scope: Scope) -> None:
+        """Declare what a route needs (HEAD is checked as GET)."""
+        method = "GET" if route.method == "HEAD" else route.method
+        self._requirements[(route.resource, method)] = Requirement(permission, scope)
+
+    def requirement(self, request: web.Request) -> Requirement | None:
+        route = request.match_info.route
+        method = "GET" if request.method == "HEAD" else request.method
+        return self._requirements.get((route.resource, method))
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        need = self.requirement(request)
+        client = self.client_address(request)
+        if need is None or not self.enabled:
+            ACTOR.set(Actor("anonymous" if self.enabled else "anonymous (auth off)", "", client))
+            return await handler(request)
+        info = request.match_info
+        domain, repo = info.get("domain"), info.get("repo")
+        where = {"domain": domain or "", "repository": repo or ""}
+        try:
+            token = await self.authenticate(request)
+        except Exception as exc:
+            ACTOR.set(Actor("unknown", "", client))
+            self._audit.record("auth_failure", result="denied", detail={"reason": str(exc)}, **where)
+            raise
+        if token is None:
+            ACTOR.set(Actor("anonymous", "", client))
+            anonymous = need.permission == "read" and need.scope == "repository" and domain and repo
+            if anonymous and self.registry.repository(RepoRef(domain or "", repo or "")).anonymous_read:
+                return await handler(request)
+            self._audit.record("auth_failure", result="denied", detail={"reason": "no credentials"}, **where)
+            raise unauthenticated(
+                f"authentication required: {need.permission} on {_where(need, domain, repo)} needs a token "
+                "(HTTP Basic with the token as password, Bearer, or X-NuGet-ApiKey)"
+            )
+        ACTOR.set(Actor(token.principal, token.id, client))
+        request[TOKEN_KEY] = token
+        if need.scope == "authenticated":
+            return await handler(request)
+        if need.scope == "repository" and domain and repo:
+            self.registry.repository(RepoRef(domain, repo))  # 404 for what does not exist
+        target_repo = repo if need.scope == "repository" else None
+        target_domain = None if need.scope == "proxy" else domain
+        if not token.allows(target_domain, target_repo, need.permission):
+            self._audit.record("denied", result="denied", detail={"permission": need.permission}, **where)
+            raise Forbidden(
+                f"token {token.id} ({token.principal}) does not have the {need.permission} permission "
+                f"on {_where(need, domain, repo)}",
+                detail={"permission": need.permission, "token_id": token.id},
+            )
+        return await handler(request)
+
+    async def authenticate(self, request: web.Request) -> Token | None:
+        """The caller's token, None without a credential; 401 for a bad one."""
+        secret = credential(request.headers)
+        if secret is None:
+            return None
+        if self._admin_secret and hmac.compare_digest(secret.encode(), self._admin_secret.encode()):
+            return self.bootstrap
+        return await self.tokens.verify(secret)
+
+    def client_address(self, request: web.Request) -> str:
+        if self._trust_forwarded and (forwarded := request.headers.get("X-Forwarded-For")):
+            return forwarded.split(",")[0].strip()
+        return request.remote or ""
+
+
+def credential(headers: Mapping[str, str]) -> str | None:
+    """The secret a client sent: Basic password (or user when no password), Bearer, or NuGet's key."""
+    header = headers.get(hdrs.AUTHORIZATION)
+    if header:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                raise unauthenticated("malformed Basic credentials") from None
+            user, _, password = decoded.partition(":")
+            return password or user or None
+        raise unauthenticated(f"unsupported authorization scheme {scheme!r} (use Basic or Bearer)")
+    key = headers.get("X-NuGet-ApiKey")
+    return key.strip() if key and key.strip() else None
+
+
+def _where(need: Requirement, domain: str | None, repo: str | None) -> str:
+    if need.scope == "repository":
+        return f"repository {domain}/{repo}"
+    if need.scope == "domain" and domain:
+        return f"domain {domain}"
+    return "this proxy"
+
+
+def expiry_text(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+__all__ = ["AccessControl", "NotFound", "Requirement", "credential"]
