@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy import __version__
-from proxy.cli_admin import add_admin_parsers, administer, common_options
+from proxy.cli_admin import add_admin_parsers, administer, administer_security, common_options
 from proxy.config import Config, ConfigError, Overrides, load_config
 
 log = logging.getLogger("proxy.cli")
@@ -99,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(config, args.log_level)
+    if getattr(args, "security", None) is not None:
+        return administer_security(config, args)
     if getattr(args, "run", None) is not None:
         return administer(config, args)
     if args.command == "check-config":

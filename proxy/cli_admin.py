@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import sqlite3
 import sys
@@ -21,10 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import aiohttp
+
 from proxy.app import Services, build_services
+from proxy.cli_security import add_security_parsers, run_security, wants_local
 from proxy.config import Config, ConfigError
 from proxy.errors import ProxyError
 from proxy.pipeline.services import Pipeline
+from proxy.security.audit import ACTOR, Actor
 from proxy.server.admin_ops import AdminOps, parse_min_release_age
 from proxy.storage.catalog import VERSION_STATUSES
 
@@ -80,6 +85,31 @@ async def _administer(config: Config, args: argparse.Namespace) -> Outcome:
         return await run(AdminOps(pipeline), args)
 
 
+def administer_security(config: Config, args: argparse.Namespace) -> int:
+    """Run a ``token`` or ``audit`` command (cli_security.py); print its outcome; 0, 1 or 2."""
+
+    async def go() -> tuple[Any, list[str]]:
+        if not wants_local(args):
+            return await run_security(None, args)
+        async with open_services(config) as pipeline:
+            return await run_security(pipeline, args)
+
+    try:
+        data, lines = asyncio.run(go())
+    except ProxyError as exc:
+        print(f"artifact-proxy: {exc.message}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error, aiohttp.ClientError) as exc:
+        print(f"artifact-proxy: {exc}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2))
+    else:
+        for line in lines:
+            print(line)
+    return 0
+
+
 @contextlib.asynccontextmanager
 async def open_services(config: Config) -> AsyncIterator[Pipeline]:
     """The services ``build_app`` wires, over the data directory, without HTTP or upstream clients.
@@ -98,8 +128,13 @@ async def open_services(config: Config) -> AsyncIterator[Pipeline]:
             await pipeline.registry.reload()
         else:
             await pipeline.registry.seed(config)
+        # Audit records made here name the operator's account: the CLI acts with the data
+        # directory's own authority, not a token's.
+        ACTOR.set(Actor(f"cli:{getpass.getuser()}", "", "local"))
         yield pipeline
     finally:
+        with contextlib.suppress(Exception):
+            await pipeline.audit.flush()
         await services.flights.aclose()
         await services.documents.aclose()
         await services.index.close()
@@ -126,6 +161,8 @@ def add_admin_parsers(sub: Subparsers) -> None:
         for option in need:
             parser.add_argument(f"--{option}", required=True, help=_HELP.get(option))
         return parser
+
+    add_security_parsers(sub, common)
 
     domain = group("domain", "list, create and delete domains")
     leaf(domain, "list", "list the domains", _domain_list)

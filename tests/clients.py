@@ -115,8 +115,10 @@ async def installed(target: Path) -> set[str]:
     return await asyncio.to_thread(scan)
 
 
-async def twine_upload(repository_url: str, *files: Path, skip_existing: bool = False) -> ClientRun:
-    """``twine upload`` to the proxy (credentials are placeholders until tokens exist)."""
+async def twine_upload(
+    repository_url: str, *files: Path, skip_existing: bool = False, password: str = "placeholder"
+) -> ClientRun:
+    """``twine upload`` to the proxy; ``password`` is the token (any value with auth off)."""
     flags = ["--skip-existing"] if skip_existing else []
     return await _run(
         sys.executable,
@@ -128,7 +130,7 @@ async def twine_upload(repository_url: str, *files: Path, skip_existing: bool = 
         "-u",
         "ci",
         "-p",
-        "placeholder",
+        password,
         "--non-interactive",
         "--disable-progress-bar",
         *flags,

@@ -30,6 +30,7 @@ from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.model import AssetRecord, CacheStatus, ListedFile, Listing, RepoRef
 from proxy.pipeline.documents import DocumentRequest
 from proxy.pipeline.resolve import ResolvedListing
+from proxy.security.audit import ACTOR
 from proxy.server.pages import PageSource
 from proxy.server.routing import base_url, repo_ref
 
@@ -219,7 +220,8 @@ class NpmAdapter(FormatAdapter):
 
     async def whoami(self, request: web.Request) -> web.StreamResponse:
         self.pipeline.resolver.repository(repo_ref(request))
-        return web.json_response({"username": "anonymous"})
+        actor = ACTOR.get()  # set by the access middleware: the token's principal
+        return web.json_response({"username": actor.principal if actor else "anonymous"})
 
     async def write(self, request: web.Request) -> web.StreamResponse:
         """``npm publish`` (with _attachments) or ``npm deprecate`` (without)."""

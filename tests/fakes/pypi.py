@@ -168,6 +168,7 @@ class FakePyPI(FakeServer):
         self.html_only = html_only
         super().__init__(host)
         self.hits: collections.Counter[str] = collections.Counter()
+        self.requests: list[tuple[str, dict[str, str]]] = []  # (path, headers): what reached us
         self.serial: dict[str, int] = {}
         self.faults: dict[str, Fault] = {}
         self._projects: dict[str, _Project] = {}
@@ -414,6 +415,7 @@ class FakePyPI(FakeServer):
     async def _entry(self, request: web.Request) -> web.StreamResponse:
         """Single aiohttp handler: count, apply faults, route, send."""
         self.hits[request.path] += 1
+        self.requests.append((request.path, dict(request.headers)))
         fault = self._take_fault(request.path)
         if fault is not None:
             if fault.kind == "refuse":
