@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.clients import installed, pip_install, twine_upload, uv_install
 from tests.conftest import Dists, ProxyFactory, RunningProxy, index_rows, proxy_config, serve_config
@@ -492,3 +493,129 @@ async def test_nuget_installs_and_pushes_with_tokens(
             assert all(writer not in json.dumps(r.headers) for r in feed.requests)
         finally:
             await proxy.stop()
+
+
+def _make_tls(root: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
+    import subprocess
+
+    root.mkdir(parents=True, exist_ok=True)
+    ext = root / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n", encoding="utf-8")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=test CA",
+        "-days",
+        "2",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "req.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "req.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
+    return root / "ca.pem", root / "cert.pem", root / "key.pem"
+
+
+async def _serve_tls(raw: dict[str, Any], cert: Path, key: Path) -> tuple[web.AppRunner, str]:
+    import ssl
+
+    from proxy.app import build_app
+    from proxy.config import Overrides, parse_config
+
+    config = parse_config(raw, Overrides(), {})
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    await asyncio.to_thread(context.load_cert_chain, cert, key)
+    runner = web.AppRunner(build_app(config))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"https://127.0.0.1:{port}"
+
+
+async def test_https_listener_and_verified_upstream_tls(
+    pypi: FakePyPI, left_tarball: Path, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    ca, cert, key = await asyncio.to_thread(_make_tls, tmp_path / "tls")
+    front, front_url = await _serve_tls(proxy_config(tmp_path / "front", pypi.url), cert, key)
+    runners = [front]
+    try:
+        index = f"{front_url}/default/pypi/public/simple/"
+        run = await pip_install(index, tmp_path / "t1", "alpha")
+        assert not run.ok  # pip does not trust the test CA by itself
+        run = await pip_install(index, tmp_path / "t2", "--cert", str(ca), "alpha")
+        assert run.ok, run.output
+        assert await installed(tmp_path / "t2") == {"alpha", "beta"}
+
+        # npm against the HTTPS listener, trusting the CA with --cafile.
+        async with FakeNpmRegistry() as npm_up:
+            await npm_up.add_version_async("left", left_tarball, version="1.0.0")
+            npm_runner, npm_url = await _serve_tls(
+                proxy_config(tmp_path / "npm", npm_up.url, fmt="npm", connection="n"), cert, key
+            )
+            runners.append(npm_runner)
+            app = tmp_path / "app"
+            await asyncio.to_thread(app.mkdir)
+            await asyncio.to_thread(
+                (app / "package.json").write_text, '{"name":"a","version":"1.0.0","private":true}'
+            )
+            run = await npm(
+                "install",
+                "left@1.0.0",
+                "--cafile",
+                str(ca),
+                cwd=app,
+                registry=f"{npm_url}/default/npm/public/",
+                cache=tmp_path / "npm-cache",
+            )
+            assert run.ok, run.output
+
+        # A proxy whose upstream is HTTPS: verified, against the connection's own CA bundle.
+        for name, bundle, works in (("trusting", str(ca), True), ("default", None, False)):
+            raw = proxy_config(tmp_path / name, index, upstream_retries=0)
+            if bundle:
+                raw["upstreams"]["fake"]["ca_bundle"] = bundle
+            _, back, back_url = await serve_config(raw)
+            runners.append(back)
+            async with http.get(f"{back_url}/default/pypi/public/simple/alpha/") as resp:
+                assert (resp.status == 200) is works, await resp.text()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
