@@ -88,6 +88,11 @@ async def _administer(config: Config, args: argparse.Namespace) -> Outcome:
 def administer_security(config: Config, args: argparse.Namespace) -> int:
     """Run a ``token`` or ``audit`` command (cli_security.py); print its outcome; 0, 1 or 2."""
 
+    server = config.server
+    args.default_endpoint = server.public_url or (
+        f"{'https' if server.tls_cert else 'http'}://{server.host}:{server.port}"
+    )
+
     async def go() -> tuple[Any, list[str]]:
         if not wants_local(args):
             return await run_security(None, args)

@@ -10,15 +10,19 @@ proxy sees the new token at once: tokens are looked up, not cached, on first use
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
+import getpass
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from proxy.config import ConfigError, parse_duration
 from proxy.errors import BadRequest, NotFound, ProxyError, Unauthorized
+from proxy.login import TOOLS, Target, default_path, masked, plan
 from proxy.model import RepoRef
 from proxy.pipeline.services import Pipeline
 from proxy.security.tokens import parse_permissions
@@ -54,6 +58,22 @@ def add_security_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     audit.add_argument("--domain")
     audit.set_defaults(security=_audit)
 
+    login = sub.add_parser("login", parents=[common], help="write a tool's config to use a repository")
+    login.add_argument("--tool", required=True, choices=TOOLS)
+    login.add_argument("--domain", required=True)
+    login.add_argument("--repo", required=True)
+    login.add_argument("--duration", help="token lifetime, e.g. 12h")
+    login.add_argument(
+        "--endpoint", help="the proxy's URL (default: server.public_url, else its listen address)"
+    )
+    login.add_argument("--extra", action="store_true", help="add the repository beside the main index")
+    login.add_argument("--scope", help="npm: route only this @scope to the repository")
+    login.add_argument("--permissions", default="read,publish", help="for a token issued locally")
+    login.add_argument("--principal", default=getpass.getuser(), help="for a token issued locally")
+    login.add_argument("--config-file", type=Path, help="write this file instead of the tool's default")
+    login.add_argument("--dry-run", action="store_true", help="print what would be written")
+    login.set_defaults(security=_login)
+
 
 async def run_security(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
     """(JSON data, lines to print) of a security command; ``pipeline`` None for remote ones."""
@@ -62,6 +82,8 @@ async def run_security(pipeline: Pipeline | None, args: argparse.Namespace) -> t
 
 
 def wants_local(args: argparse.Namespace) -> bool:
+    if args.security is _login:  # with a credential in the environment, ask the proxy's API
+        return not any(os.environ.get(name) for name in CREDENTIAL_ENVS)
     return not getattr(args, "endpoint", None)
 
 
@@ -150,6 +172,57 @@ async def _audit(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[A
         for r in records
     ]
     return {"records": records}, lines or ["no audit records"]
+
+
+async def _login(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    endpoint = (args.endpoint or args.default_endpoint).rstrip("/")
+    duration = _duration(args.duration)
+    if pipeline is None:
+        if os.environ.get(CREDENTIAL_ENVS[0]):  # a token of the domain: exchange it for a fresh one
+            data = await remote_token(endpoint, args.domain, duration)
+            secret, expires = str(data["authorizationToken"]), float(data["expiration"])
+        else:  # the administrator's: issue one for the principal
+            body = {
+                "domain": args.domain,
+                "repository": args.repo,
+                "principal": args.principal,
+                "permissions": args.permissions.split(","),
+                "duration": duration,
+            }
+            data = await _call(endpoint, "POST", "/-/api/v1/tokens", json_body=body)
+            secret, expires = str(data["token"]), float(data["expires_at"])
+    else:
+        args.endpoint = None  # _token_create writes the data directory
+        data, _ = await _token_create(pipeline, args)
+        secret, expires = str(data["token"]), float(data["expires_at"])
+    target = Target(endpoint, args.domain, args.repo, secret, extra=args.extra, scope=args.scope)
+    path = args.config_file or default_path(args.tool)
+    current = await asyncio.to_thread(_read_text, path)
+    try:
+        edit = plan(args.tool, path, current, target)
+    except ValueError as exc:
+        raise BadRequest(f"{path}: {exc}") from exc
+    lines = [f"{'would write' if args.dry_run else 'wrote'} {path}:"] + [f"  {c}" for c in edit.changes]
+    lines.append(f"the token expires at {_iso(expires)}")
+    if args.dry_run:
+        lines += ["", masked(edit.text, secret)]
+    else:
+        await asyncio.to_thread(_write_private, path, edit.text)
+    return {"path": str(path), "changes": edit.changes, "expires_at": expires, "dry_run": args.dry_run}, lines
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that holds a token: readable by its owner only, replaced atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(tmp, path)
 
 
 def _since(text: str | None) -> float | None:
