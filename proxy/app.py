@@ -60,6 +60,7 @@ from proxy.storage.local import LocalBlobStore
 from proxy.storage.page_files import PageFiles
 from proxy.storage.staging import StagingArea
 from proxy.upstream.client import UpstreamClient
+from proxy.upstream.credentials import build_provider
 from proxy.upstream.flight import FlightGroup
 
 log = logging.getLogger("proxy.app")
@@ -97,7 +98,14 @@ def build_services(
     hot = HotCache(
         config.server.hot_cache_entries, config.server.memory_cache_size, on_page_drop=page_files.retire
     )
-    clients = {name: UpstreamClient(up) for name, up in config.upstreams.items()} if upstreams else {}
+    clients = (
+        {
+            name: UpstreamClient(up, build_provider(name, up.format, up.credentials))
+            for name, up in config.upstreams.items()
+        }
+        if upstreams
+        else {}
+    )
     flights = FlightGroup()
     server = config.server
     audit = AuditLog(index, fetches=server.audit_fetches, file=server.audit_file)
@@ -149,7 +157,7 @@ def build_app(config: Config) -> web.Application:
     app[PIPELINE] = pipeline
     app[FLIGHTS] = flights
 
-    SystemRoutes(index, data_dir, pipeline.audit).register(app.router)
+    SystemRoutes(index, data_dir, pipeline.audit, clients).register(app.router)
     SecurityRoutes(pipeline.tokens, pipeline.audit, access).register(app.router)
     AdminRoutes(pipeline).register(app.router)
     for route in app.router.routes():  # the admin API: admin of the domain in the path, or of all

@@ -130,6 +130,22 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsConfig:
+    """How the proxy authenticates to one connection (upstream/credentials.py); never a secret."""
+
+    type: str  # basic | bearer | command | codeartifact
+    username: str = "aws"
+    secret_env: str | None = None  # basic: password_env, bearer: token_env
+    secret_file: Path | None = None  # basic: password_file, bearer: token_file
+    command: tuple[str, ...] = ()
+    domain: str = ""
+    domain_owner: str = ""
+    region: str = ""
+    duration: float = 12 * 3600.0
+    endpoint_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """An external connection: one remote registry of one format."""
 
@@ -146,6 +162,7 @@ class UpstreamConfig:
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
     ca_bundle: Path | None = None  # PEM CAs trusted for this connection (besides the system's)
+    credentials: CredentialsConfig | None = None
 
     @property
     def origin(self) -> tuple[str, str, int]:
@@ -516,9 +533,59 @@ def _parse_upstream(
     bundle = _get(raw, "ca_bundle", p, str, "")
     if bundle:
         values["ca_bundle"] = Path(bundle)
+    if "credentials" in raw:
+        values["credentials"] = _parse_credentials(f"{p}.credentials", raw["credentials"], env)
     return UpstreamConfig(
         name=name, format=fmt, url=url, allow_hosts=tuple(h.lower() for h in allow), **values
     )
+
+
+def _parse_credentials(p: str, raw: object, env: Mapping[str, str]) -> CredentialsConfig:
+    """A connection's ``[credentials]``: secrets only by reference (variable, file, command)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a table")
+    kind = _get(raw, "type", p, str, None)
+    keys: dict[str, set[str]] = {
+        "basic": {"username", "password_env", "password_file"},
+        "bearer": {"token_env", "token_file"},
+        "command": {"command", "username"},
+        "codeartifact": {"domain", "domain_owner", "region", "duration", "endpoint_url", "username"},
+    }
+    if kind not in keys:
+        raise ConfigError(f"{p}.type: one of {', '.join(keys)}; got {kind!r}")
+    _only_keys(raw, p, keys[kind] | {"type"})
+    for secret_key in ("password", "token", "secret"):
+        if secret_key in raw:
+            raise ConfigError(
+                f"{p}.{secret_key}: secrets are never inline; use {secret_key}_env or {secret_key}_file"
+            )
+    values: dict[str, Any] = {"type": kind, "username": _get(raw, "username", p, str, "aws")}
+    if kind in {"basic", "bearer"}:
+        prefix = "password" if kind == "basic" else "token"
+        var = _get(raw, f"{prefix}_env", p, str, None)
+        file = _get(raw, f"{prefix}_file", p, str, None)
+        if (var is None) == (file is None):
+            raise ConfigError(f"{p}: give exactly one of {prefix}_env and {prefix}_file")
+        if var is not None and not env.get(var):
+            raise ConfigError(f"{p}.{prefix}_env: the environment variable {var} is not set")
+        values["secret_env"] = var
+        values["secret_file"] = Path(file) if file else None
+    elif kind == "command":
+        command = _get(raw, "command", p, list, None)
+        if not command or not all(isinstance(c, str) and c for c in command):
+            raise ConfigError(f"{p}.command: a non-empty list of strings (the program and its arguments)")
+        values["command"] = tuple(command)
+    else:
+        for key in ("domain", "domain_owner", "region"):
+            values[key] = _get(raw, key, p, str, "")
+            if not values[key]:
+                raise ConfigError(f"{p}.{key}: required for a CodeArtifact connection")
+        duration = parse_duration(raw["duration"], f"{p}.duration") if "duration" in raw else 12 * 3600.0
+        if not 900 <= duration <= 43200:
+            raise ConfigError(f"{p}.duration: between 15m and 12h (CodeArtifact's bounds)")
+        values["duration"] = duration
+        values["endpoint_url"] = _get(raw, "endpoint_url", p, str, None)
+    return CredentialsConfig(**values)
 
 
 def _points_at_self(host: str, port: int, server: ServerConfig) -> bool:

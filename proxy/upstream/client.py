@@ -27,6 +27,7 @@ from proxy import __version__
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.upstream.breaker import CircuitBreaker, CircuitOpen
+from proxy.upstream.credentials import CredentialProvider
 
 log = logging.getLogger("proxy.upstream")
 
@@ -97,8 +98,9 @@ class GuardedResolver(AbstractResolver):
 class UpstreamClient:
     """HTTP access to one external connection. Never sends client credentials anywhere."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, credentials: CredentialProvider | None = None) -> None:
         self.config = config
+        self.credentials = credentials  # injected only into requests to the connection's own origin
         self.name = config.name
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
         self._origin = config.origin
@@ -110,7 +112,11 @@ class UpstreamClient:
         tls = await asyncio.to_thread(self._tls_context)  # reads CA files: off the loop
         connector = aiohttp.TCPConnector(
             limit=self.config.max_connections,
-            resolver=GuardedResolver(frozenset({self._origin[1]})),
+            # The origin and hosts named exactly in allow_hosts are trusted to resolve anywhere
+            # (an internal registry); patterns and every other host must resolve publicly.
+            resolver=GuardedResolver(
+                frozenset({self._origin[1]} | {h for h in self.config.allow_hosts if "*" not in h})
+            ),
             ttl_dns_cache=300,
             ssl=tls,
         )
@@ -130,6 +136,18 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self.credentials is not None:
+            await self.credentials.aclose()
+
+    async def _authorization(self, url: str) -> str | None:
+        """The credential for ``url``: only ever for the connection's own origin."""
+        if self.credentials is None:
+            return None
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if (parts.scheme, (parts.hostname or "").lower(), port) != self._origin:
+            return None  # a redirect to a CDN or a pre-signed URL gets no credential
+        return (await self.credentials.current()).authorization
 
     def timeout(self, total: float | None) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(
@@ -250,6 +268,9 @@ class UpstreamClient:
                 f"upstream {self.name} is failing; skipped ({exc})", detail={"upstream": self.name}
             ) from None
         headers = {"Content-Type": content_type} if content_type else {}
+        authorization = await self._authorization(url)
+        if authorization is not None:
+            headers["Authorization"] = authorization
         try:
             async with self._session.request(
                 method,
@@ -280,11 +301,23 @@ class UpstreamClient:
         self, url: str, headers: Mapping[str, str], client_timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
         assert self._session is not None
-        for _ in range(MAX_REDIRECTS + 1):
+        reauthorized = False
+        for _ in range(MAX_REDIRECTS + 2):
             self.check_target(url)
+            hop_headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            authorization = await self._authorization(url)
+            if authorization is not None:
+                hop_headers["Authorization"] = authorization
             response = await self._session.get(
-                url, headers=dict(headers), allow_redirects=False, timeout=client_timeout
+                url, headers=hop_headers, allow_redirects=False, timeout=client_timeout
             )
+            if response.status in {401, 403} and authorization is not None and not reauthorized:
+                # Revoked or expired early: one new credential, one more try.
+                response.release()
+                assert self.credentials is not None
+                self.credentials.invalidate()
+                reauthorized = True
+                continue
             if response.status in {301, 302, 303, 307, 308} and "Location" in response.headers:
                 location = urljoin(url, response.headers["Location"])
                 response.release()
