@@ -22,6 +22,7 @@ from tests.conftest import Dists, serve_config
 from tests.fakes.codeartifact import FakeCodeArtifact
 from tests.fakes.npm import FakeNpmRegistry, build_tarball
 from tests.fakes.pypi import FakePyPI
+from tests.npm_clients import npm
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
@@ -123,11 +124,28 @@ async def test_tokens_renew_under_load_without_a_failed_request(
                     await asyncio.sleep(0.01)
 
             npm_urls = [f"{base}/npm/public/left", f"{base}/npm/public/left/-/left-1.0.0.tgz"]
+
+            async def real_clients() -> None:
+                # pip and npm themselves, while tokens expire underneath them.
+                await asyncio.sleep(5)
+                run = await pip_install(f"{base}/pypi/public/simple/", tmp_path / "pip", "alpha")
+                if not run.ok:
+                    failures.append(f"pip: {run.output[-500:]}")
+                app = tmp_path / "app"
+                await asyncio.to_thread(app.mkdir)
+                await asyncio.to_thread((app / "package.json").write_text, '{"name":"a","version":"1.0.0"}')
+                run = await npm(
+                    "install", "left@1.0.0", cwd=app, registry=f"{base}/npm/public/", cache=tmp_path / "c"
+                )
+                if not run.ok:
+                    failures.append(f"npm: {run.output[-500:]}")
+
             await asyncio.gather(
                 worker([f"{base}/pypi/public/simple/alpha/", *files]),
                 worker([f"{base}/pypi/public/simple/beta/"]),
                 worker(npm_urls),
                 worker(npm_urls[:1]),
+                real_clients(),
             )
             assert failures == [], failures[:5]
             assert count > 200
