@@ -24,14 +24,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-from proxy.config import Config, ConfigError
+from proxy.config import Config, ConfigError, ServerConfig
 from proxy.errors import NotFound, error_middleware
 from proxy.formats import FORMATS
 from proxy.model import RepoRef
@@ -54,6 +54,7 @@ from proxy.server.routing import path_safety_middleware
 from proxy.server.security_api import SecurityRoutes
 from proxy.server.system import SystemRoutes
 from proxy.storage.catalog import Catalog
+from proxy.storage.crypto import Sealer, StaticKeys
 from proxy.storage.hot import HotCache
 from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
@@ -92,8 +93,9 @@ def build_services(
     """Construct the services for ``config`` (the CLI uses them without HTTP or upstreams)."""
     data_dir = config.server.data_dir
     index = Index(data_dir / "index.sqlite3")
-    blobs = LocalBlobStore(data_dir / "blobs")
-    staging = StagingArea(data_dir / "tmp")
+    sealer = build_sealer(config.server, os.environ)
+    blobs = LocalBlobStore(data_dir / "blobs", sealer)
+    staging = StagingArea(data_dir / "tmp", sealer)
     page_files = PageFiles(data_dir / "pages")
     hot = HotCache(
         config.server.hot_cache_entries, config.server.memory_cache_size, on_page_drop=page_files.retire
@@ -244,6 +246,20 @@ def build_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def build_sealer(server: ServerConfig, env: Mapping[str, str]) -> Sealer | None:
+    """Encryption at rest, when a key is configured (blocking when it reads a key file)."""
+    try:
+        if server.encryption_key_file is not None:
+            return Sealer(StaticKeys.from_file(server.encryption_key_file))
+        if server.encryption_key_env:
+            if not env.get(server.encryption_key_env):
+                raise ConfigError(f"server.encryption_key_env: {server.encryption_key_env} is not set")
+            return Sealer(StaticKeys.from_env(env, server.encryption_key_env))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"server.encryption_key_*: {exc}") from exc
+    return None
 
 
 def _read_secret(path: Path) -> str:

@@ -26,6 +26,7 @@ from proxy.login import TOOLS, Target, default_path, masked, plan
 from proxy.model import RepoRef
 from proxy.pipeline.services import Pipeline
 from proxy.security.tokens import parse_permissions
+from proxy.storage.local import rekey
 
 CREDENTIAL_ENVS = ("ARTIFACT_PROXY_TOKEN", "ARTIFACT_PROXY_ADMIN_TOKEN")
 
@@ -57,6 +58,9 @@ def add_security_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     audit.add_argument("--package")
     audit.add_argument("--domain")
     audit.set_defaults(security=_audit)
+
+    rekey = sub.add_parser("rekey", parents=[common], help="seal every blob with the current encryption key")
+    rekey.set_defaults(security=_rekey)
 
     login = sub.add_parser("login", parents=[common], help="write a tool's config to use a repository")
     login.add_argument("--tool", required=True, choices=TOOLS)
@@ -172,6 +176,19 @@ async def _audit(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[A
         for r in records
     ]
     return {"records": records}, lines or ["no audit records"]
+
+
+async def _rekey(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    assert pipeline is not None
+    blobs = pipeline.blobs
+    try:
+        rewritten, kept = await asyncio.to_thread(rekey, blobs, blobs.root.parent.parent / "tmp")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+    pipeline.audit.record("rekey", detail={"rewritten": rewritten, "current": kept})
+    return {"rewritten": rewritten, "already_current": kept}, [
+        f"sealed {rewritten} blob(s) with the current key; {kept} already were"
+    ]
 
 
 async def _login(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:

@@ -127,6 +127,9 @@ class ServerConfig:
     audit_file: Path | None = None  # also write the trail as JSON lines here
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Encryption at rest (storage/crypto.py): base64 AES-256 keys, the first one current.
+    encryption_key_env: str | None = None  # e.g. "ARTIFACT_PROXY_ENCRYPTION_KEYS"
+    encryption_key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +428,7 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
     sizes = {"max_metadata_size", "max_asset_size", "max_upload_size", "memory_cache_size"}
     plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries", "auth"}
     plain |= {"admin_token_file", "audit_fetches", "audit_file", "tls_cert", "tls_key"}
+    plain |= {"encryption_key_env", "encryption_key_file"}
     _only_keys(raw, p, durations | sizes | plain)
     listen = overrides.listen or _get(raw, "listen", p, str, f"{d.host}:{d.port}")
     host, port = parse_listen(
@@ -443,7 +447,7 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         raise ConfigError(f"{p}.hot_cache_entries: must be at least 16")
     values: dict[str, Any] = {k: parse_duration(raw[k], f"{p}.{k}") for k in durations if k in raw}
     values |= {k: parse_size(raw[k], f"{p}.{k}") for k in sizes if k in raw}
-    for key in ("admin_token_file", "audit_file", "tls_cert", "tls_key"):
+    for key in ("admin_token_file", "audit_file", "tls_cert", "tls_key", "encryption_key_file"):
         path = getattr(overrides, key, None) or _get(raw, key, p, str, "")
         values[key] = Path(path) if path else None
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
@@ -467,6 +471,7 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         trust_forwarded=_get(raw, "trust_forwarded", p, bool, False),
         hot_cache_entries=entries,
         auth=_get(raw, "auth", p, bool, True),
+        encryption_key_env=_get(raw, "encryption_key_env", p, str, "") or None,
         audit_fetches=fetches,
         **values,
     )

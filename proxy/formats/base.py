@@ -11,8 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from aiohttp import web
 
@@ -127,10 +126,11 @@ class FormatAdapter(ABC):
         """Parse and validate a publish request, staging its file; 400/413 on bad input."""
         raise NotImplementedError
 
-    def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
+    def derive(self, entry: ListedFile, blob: Callable[[], BinaryIO]) -> list[tuple[str, bytes, str]]:
         """Companion files extracted from a cached asset: (filename, bytes, content type).
 
-        Runs in a worker thread right after the asset is committed. PyPI uses it to serve
-        PEP 658 metadata for wheels whose upstream offered none.
+        Runs in a worker thread right after the asset is committed; ``blob()`` opens its
+        plaintext (it may be encrypted at rest). PyPI uses it to serve PEP 658 metadata for
+        wheels whose upstream offered none; Maven, checksums; NuGet, the .nuspec.
         """
         return []

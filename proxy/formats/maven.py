@@ -22,10 +22,10 @@ import asyncio
 import hashlib
 import html
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
@@ -137,11 +137,11 @@ class MavenAdapter(FormatAdapter):
             {"last_updated": last},
         )
 
-    def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
+    def derive(self, entry: ListedFile, blob: Callable[[], BinaryIO]) -> list[tuple[str, bytes, str]]:
         """The four checksum files of an artifact, from its verified bytes (blocking)."""
-        return [
-            (f"{entry.filename}.{algo}", digest.encode(), TEXT) for algo, digest in _digests(path).items()
-        ]
+        with blob() as f:
+            digests = _digests(f)
+        return [(f"{entry.filename}.{algo}", digest.encode(), TEXT) for algo, digest in digests.items()]
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -254,8 +254,13 @@ class MavenAdapter(FormatAdapter):
         artifact = await resolver.stored_asset(ref, self.name, package, path.asset_name)
         if artifact is None:
             raise NotFound(f"{path.filename} is not stored", detail={"package": package})
-        blob = self.pipeline.blobs.local_path(artifact.digest)
-        digest = (await asyncio.to_thread(_digests, blob))[path.checksum]
+        blobs = self.pipeline.blobs
+
+        def digests() -> dict[str, str]:
+            with blobs.open_plain(artifact.digest) as f:
+                return _digests(f)
+
+        digest = (await asyncio.to_thread(digests))[path.checksum]
         return _text_response(digest, status.value)
 
     async def _directory(self, request: web.Request, ref: RepoRef, path: MavenPath) -> web.StreamResponse:
@@ -379,7 +384,7 @@ class MavenAdapter(FormatAdapter):
                 "deploy the file first",
                 detail={"package": package, "filename": path.filename},
             )
-        actual = (await asyncio.to_thread(self.pipeline.blobs.local_path(record.digest).read_bytes)).decode()
+        actual = (await self.pipeline.blobs.read_bytes(record.digest)).decode()
         if stated != actual:
             raise BadRequest(
                 f"the {path.checksum} sent for {path.filename} ({stated[:128]!r}) does not match "
@@ -413,12 +418,11 @@ def _timestamped(path: MavenPath) -> bool:
     return rest != path.filename and _TIMESTAMPED_REST.match(rest) is not None
 
 
-def _digests(path: Path) -> dict[str, str]:
+def _digests(f: BinaryIO) -> dict[str, str]:
     hashers = {algo: hashlib.new(algo) for algo in CHECKSUM_ALGORITHMS}
-    with path.open("rb") as f:
-        while chunk := f.read(1024 * 1024):
-            for h in hashers.values():
-                h.update(chunk)
+    while chunk := f.read(1024 * 1024):
+        for h in hashers.values():
+            h.update(chunk)
     return {algo: h.hexdigest() for algo, h in hashers.items()}
 
 

@@ -18,9 +18,8 @@ import gzip
 import io
 import json
 import tarfile
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 import orjson
 from aiohttp import web
@@ -86,7 +85,9 @@ async def read_publish(doc: dict[str, Any], package: str, publisher: Publisher) 
     length = attachment.get("length")
     staged = await _stage(attachment["data"], hashes, length if isinstance(length, int) else None, publisher)
     try:
-        await asyncio.to_thread(_check_tarball, staged.path, package, version)
+        await asyncio.to_thread(
+            _check_tarball, lambda: publisher.staging.open_plain(staged), package, version
+        )
     except BaseException:
         await asyncio.to_thread(staged.path.unlink, True)
         raise
@@ -131,10 +132,14 @@ async def _stage(
         raise BadRequest(f"the tarball does not match its declared length: {exc}") from exc
 
 
-def _check_tarball(path: Path, package: str, version: str) -> None:
+def _check_tarball(opener: Callable[[], BinaryIO], package: str, version: str) -> None:
     """The package.json inside must name the same package and version."""
     try:
-        with gzip.open(path) as gz, tarfile.open(fileobj=io.BufferedReader(gz), mode="r|") as tar:
+        with (
+            opener() as raw,
+            gzip.open(raw) as gz,
+            tarfile.open(fileobj=io.BufferedReader(gz), mode="r|") as tar,
+        ):
             for member in tar:
                 if member.name.lstrip("./") == "package/package.json" and member.isfile():
                     if member.size > MAX_MANIFEST:

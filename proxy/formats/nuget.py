@@ -23,9 +23,8 @@ registration gives one. Version lists merge along the chain like every other for
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 import orjson
@@ -121,11 +120,11 @@ class NuGetAdapter(FormatAdapter):
             },
         )
 
-    def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
+    def derive(self, entry: ListedFile, blob: Callable[[], BinaryIO]) -> list[tuple[str, bytes, str]]:
         """The .nuspec inside a cached .nupkg, served from the flat container (blocking)."""
         if not entry.filename.endswith(".nupkg"):
             return []
-        with zipfile.ZipFile(path) as archive:
+        with blob() as raw, zipfile.ZipFile(raw) as archive:
             names = [n for n in archive.namelist() if n.lower().endswith(".nuspec") and "/" not in n]
             if len(names) != 1:
                 return []

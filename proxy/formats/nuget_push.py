@@ -10,9 +10,10 @@ this feed serves packages, not symbols.
 from __future__ import annotations
 
 import asyncio
+import functools
 import zipfile
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 from xml.etree.ElementTree import Element, ParseError
 
 from aiohttp import BodyPartReader, web
@@ -49,7 +50,8 @@ async def read_push(request: web.Request, publisher: Publisher) -> Upload:
             staged = await _stage(part, publisher)
         if staged is None:
             raise BadRequest("the push has no package file part")
-        package_id, version, catalog, nuspec = await asyncio.to_thread(inspect_package, staged.path, filename)
+        opener = functools.partial(publisher.staging.open_plain, staged)
+        package_id, version, catalog, nuspec = await asyncio.to_thread(inspect_package, opener, filename)
     except BaseException:
         if staged is not None:
             await asyncio.to_thread(staged.path.unlink, missing_ok=True)
@@ -78,12 +80,12 @@ async def _stage(part: BodyPartReader, publisher: Publisher) -> StagedBlob:
         raise BadRequest(f"the package upload is broken: {exc}") from exc
 
 
-def inspect_package(path: Path, filename: str) -> tuple[str, str, dict[str, Any], bytes]:
+def inspect_package(opener: Callable[[], BinaryIO], filename: str) -> tuple[str, str, dict[str, Any], bytes]:
     """(id, normalised version, catalog fields, nuspec bytes) of a .nupkg (blocking)."""
     if filename.lower().endswith(".snupkg"):
         raise BadRequest(_SYMBOLS)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with opener() as raw, zipfile.ZipFile(raw) as archive:
             nuspecs = [n for n in archive.namelist() if n.lower().endswith(".nuspec") and "/" not in n]
             if len(nuspecs) != 1:
                 raise BadRequest(f"a .nupkg has exactly one .nuspec at its root; this one has {len(nuspecs)}")

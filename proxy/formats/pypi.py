@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
@@ -86,12 +85,12 @@ class PyPIAdapter(FormatAdapter):
             extra["requires_python"] = attributes["requires_python"]
         return replace(entry, extra=extra)
 
-    def derive(self, entry: ListedFile, path: Path) -> list[tuple[str, bytes, str]]:
+    def derive(self, entry: ListedFile, blob: Callable[[], BinaryIO]) -> list[tuple[str, bytes, str]]:
         """PEP 658 metadata from a cached wheel whose upstream declared none."""
         if not entry.filename.endswith(".whl") or entry.extra.get("core_metadata") is not None:
             return []
         prefix = "-".join(entry.filename[:-4].split("-")[:2]).lower()
-        with zipfile.ZipFile(path) as wheel:
+        with blob() as raw, zipfile.ZipFile(raw) as wheel:
             candidates = [
                 info
                 for info in wheel.infolist()

@@ -13,9 +13,9 @@ import asyncio
 import re
 import tarfile
 import zipfile
+from collections.abc import Callable
 from email.parser import BytesHeaderParser
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, web
 
@@ -78,7 +78,9 @@ async def read_upload(request: web.Request, publisher: Publisher, ref: RepoRef) 
             raise BadRequest(f"unsupported :action {action!r} (only file_upload)")
         package, version = _form_identity(fields)
         _check_filename_identity(filename, package, version)
-        companions = await asyncio.to_thread(_inspect_archive, staged.path, filename, package, version)
+        companions = await asyncio.to_thread(
+            _inspect_archive, lambda: publisher.staging.open_plain(staged), filename, package, version
+        )
     except BaseException:
         if staged is not None:
             await asyncio.to_thread(staged.path.unlink, True)
@@ -165,31 +167,16 @@ async def _stage(part: BodyPartReader, fields: dict[str, list[str]], publisher: 
         raise BadRequest(f"the uploaded file is incomplete: {exc}") from exc
 
 
-def _inspect_archive(path: Path, filename: str, package: str, version: str) -> list[tuple[str, bytes, str]]:
-    """Check the archive's own metadata; return the wheel's METADATA as a PEP 658 companion."""
+def _inspect_archive(
+    opener: Callable[[], BinaryIO], filename: str, package: str, version: str
+) -> list[tuple[str, bytes, str]]:
+    """Check the archive's own metadata; return the wheel's METADATA as a PEP 658 companion.
+
+    ``opener`` gives the staged file's plaintext (it may be sealed on disk).
+    """
     try:
-        if filename.endswith(".whl"):
-            with zipfile.ZipFile(path) as wheel:
-                infos = [
-                    i
-                    for i in wheel.infolist()
-                    if i.filename.count("/") == 1 and i.filename.endswith(".dist-info/METADATA")
-                ]
-                if len(infos) != 1 or infos[0].file_size > MAX_METADATA:
-                    raise BadRequest(f"{filename} has no single .dist-info/METADATA")
-                metadata = wheel.read(infos[0])
-        elif filename.endswith(".zip"):
-            with zipfile.ZipFile(path) as archive:
-                infos = [
-                    i
-                    for i in archive.infolist()
-                    if i.filename.count("/") == 1 and i.filename.endswith("/PKG-INFO")
-                ]
-                if not infos or infos[0].file_size > MAX_METADATA:
-                    raise BadRequest(f"{filename} has no top-level PKG-INFO")
-                metadata = archive.read(infos[0])
-        else:
-            metadata = _sdist_pkg_info(path, filename)
+        with opener() as path:
+            metadata = _archive_metadata(path, filename)
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
         raise BadRequest(f"{filename} is not a readable archive: {exc}") from exc
     headers = BytesHeaderParser().parsebytes(metadata)
@@ -204,8 +191,34 @@ def _inspect_archive(path: Path, filename: str, package: str, version: str) -> l
     return []
 
 
-def _sdist_pkg_info(path: Path, filename: str) -> bytes:
-    with tarfile.open(path, "r:gz") as tar:
+def _archive_metadata(path: BinaryIO, filename: str) -> bytes:
+    if filename.endswith(".whl"):
+        with zipfile.ZipFile(path) as wheel:
+            infos = [
+                i
+                for i in wheel.infolist()
+                if i.filename.count("/") == 1 and i.filename.endswith(".dist-info/METADATA")
+            ]
+            if len(infos) != 1 or infos[0].file_size > MAX_METADATA:
+                raise BadRequest(f"{filename} has no single .dist-info/METADATA")
+            metadata = wheel.read(infos[0])
+    elif filename.endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            infos = [
+                i
+                for i in archive.infolist()
+                if i.filename.count("/") == 1 and i.filename.endswith("/PKG-INFO")
+            ]
+            if not infos or infos[0].file_size > MAX_METADATA:
+                raise BadRequest(f"{filename} has no top-level PKG-INFO")
+            metadata = archive.read(infos[0])
+    else:
+        metadata = _sdist_pkg_info(path, filename)
+    return metadata
+
+
+def _sdist_pkg_info(path: BinaryIO, filename: str) -> bytes:
+    with tarfile.open(fileobj=path, mode="r:gz") as tar:
         for member in tar:
             if member.isfile() and member.name.count("/") == 1 and member.name.endswith("/PKG-INFO"):
                 if member.size > MAX_METADATA:

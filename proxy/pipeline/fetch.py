@@ -105,9 +105,9 @@ class Fetcher:
         self, adapter: FormatAdapter, entry: ListedFile, info: BlobInfo
     ) -> list[tuple[str, BlobInfo, str]]:
         """Store the adapter's companion files of a committed asset (failures only logged)."""
-        path = self._blobs.local_path(info.digest)
+        blobs = self._blobs
         try:
-            companions = await asyncio.to_thread(adapter.derive, entry, path)
+            companions = await asyncio.to_thread(adapter.derive, entry, lambda: blobs.open_plain(info.digest))
         except Exception:
             log.exception("could not derive companions of %s", entry.filename)
             return []

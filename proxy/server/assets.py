@@ -104,6 +104,69 @@ def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int) -> N
         count -= sent
 
 
+class PlainBlobResponse(web.StreamResponse):
+    """A blob sealed at rest, decrypted chunk by chunk as it is sent; HEAD and one Range too.
+
+    sendfile cannot decrypt, so encrypted blobs pay for a read, a decryption and a write per
+    chunk; the plaintext exists only in memory, one chunk at a time.
+    """
+
+    def __init__(self, blobs: LocalBlobStore, digest: Digest) -> None:
+        super().__init__()
+        self._blobs = blobs
+        self._digest = digest
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        f = await asyncio.to_thread(self._blobs.open_plain, self._digest)
+        try:
+            size = await asyncio.to_thread(f.seek, 0, os.SEEK_END)
+            start, end = 0, size
+            self.headers[hdrs.ACCEPT_RANGES] = "bytes"
+            wanted = _single_range(request.headers.get(hdrs.RANGE), size)
+            if wanted == "unsatisfiable":
+                self.set_status(416)
+                self.headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
+                self.content_length = 0
+                return await super().prepare(request)
+            if isinstance(wanted, tuple):
+                start, end = wanted
+                self.set_status(206)
+                self.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
+            self.content_length = end - start
+            writer = await super().prepare(request)
+            if request.method == hdrs.METH_HEAD:
+                return writer
+            await asyncio.to_thread(f.seek, start)
+            remaining = end - start
+            while remaining > 0:
+                chunk = await asyncio.to_thread(f.read, min(remaining, 1024 * 1024))
+                if not chunk:
+                    raise ConnectionResetError("blob ended early")
+                await self.write(chunk)
+                remaining -= len(chunk)
+            return writer
+        finally:
+            await asyncio.to_thread(f.close)
+
+
+def _single_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """(start, end) of a single ``bytes=`` range, "unsatisfiable", or None to send everything."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, last = header[6:].strip().partition("-")
+    try:
+        if not first:
+            length = int(last)
+            return (max(0, size - length), size) if length > 0 else "unsatisfiable"
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+    except ValueError:
+        return None
+    if start >= size or end <= start:
+        return "unsatisfiable"
+    return start, end
+
+
 def _etag_matches(request: web.Request, etag: str) -> bool:
     header = request.headers.get(hdrs.IF_NONE_MATCH)
     if not header:
@@ -137,7 +200,12 @@ class AssetSender:
             not_modified.headers["X-Cache"] = status.value
             not_modified.headers[hdrs.ETAG] = f'"{etag}"'
             return not_modified
-        response = BlobFileResponse(str(self._blobs.local_path(digest)), etag, self._executor)
+        response: web.StreamResponse
+        if self._blobs.sealer is not None:  # encrypted at rest: decrypted as it is sent
+            response = PlainBlobResponse(self._blobs, digest)
+        else:
+            response = BlobFileResponse(str(self._blobs.local_path(digest)), etag, self._executor)
+        response.headers[hdrs.ETAG] = f'"{etag}"'
         _common_headers(response, status, content_type)
         response.headers["X-Content-SHA256"] = etag
         return response

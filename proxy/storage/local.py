@@ -7,9 +7,11 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 from proxy.model import Digest
 from proxy.storage.blobs import BlobInfo
+from proxy.storage.crypto import Sealer, open_plain
 from proxy.storage.staging import StagedBlob
 
 READ_CHUNK = 1024 * 1024
@@ -18,8 +20,9 @@ READ_CHUNK = 1024 * 1024
 class LocalBlobStore:
     """Blobs as files named by digest; commit is fsync + rename + directory fsync."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sealer: Sealer | None = None) -> None:
         self.root = root / "sha256"
+        self.sealer = sealer  # encryption at rest (storage/crypto.py), None when off
 
     def prepare(self) -> None:
         """Create the root directory (startup, off the event loop)."""
@@ -29,11 +32,22 @@ class LocalBlobStore:
         return self.root / digest.hex[:2] / digest.hex
 
     async def stat(self, digest: Digest) -> BlobInfo | None:
+        """The blob's plaintext size, or None when it is not stored."""
         try:
-            st = await asyncio.to_thread(os.stat, self.local_path(digest))
+            size = await asyncio.to_thread(self._plain_size, self.local_path(digest))
         except FileNotFoundError:
             return None
-        return BlobInfo(digest, st.st_size)
+        return BlobInfo(digest, size)
+
+    def _plain_size(self, path: Path) -> int:
+        if self.sealer is None:
+            return path.stat().st_size
+        with open_plain(path, self.sealer) as f:
+            return f.seek(0, os.SEEK_END)
+
+    def open_plain(self, digest: Digest) -> BinaryIO:
+        """A blob's plaintext as a seekable file, sealed or not (blocking: call from a thread)."""
+        return open_plain(self.local_path(digest), self.sealer)
 
     async def put(self, staged: StagedBlob) -> BlobInfo:
         return await asyncio.to_thread(self._put, staged)
@@ -47,26 +61,29 @@ class LocalBlobStore:
         if target.exists():
             # Same digest means same bytes: keep the stored copy, drop the staged one.
             staged.path.unlink(missing_ok=True)
-            return BlobInfo(staged.digest, target.stat().st_size)
+            return BlobInfo(staged.digest, staged.size)
         os.replace(staged.path, target)
         _fsync_dir(directory)
         return BlobInfo(staged.digest, staged.size)
 
     async def open(self, digest: Digest, offset: int = 0) -> AsyncIterator[bytes]:
-        fd = await asyncio.to_thread(os.open, self.local_path(digest), os.O_RDONLY)
+        """The plaintext from ``offset`` on, in chunks."""
+        f = await asyncio.to_thread(self.open_plain, digest)
         try:
-            while True:
-                chunk = await asyncio.to_thread(os.pread, fd, READ_CHUNK, offset)
-                if not chunk:
-                    return
-                offset += len(chunk)
+            await asyncio.to_thread(f.seek, offset)
+            while chunk := await asyncio.to_thread(f.read, READ_CHUNK):
                 yield chunk
         finally:
-            await asyncio.to_thread(os.close, fd)
+            await asyncio.to_thread(f.close)
 
     async def read_bytes(self, digest: Digest) -> bytes:
         """A whole (small) blob in memory, for documents derived from it."""
-        return await asyncio.to_thread(self.local_path(digest).read_bytes)
+
+        def read() -> bytes:
+            with self.open_plain(digest) as f:
+                return f.read()
+
+        return await asyncio.to_thread(read)
 
     async def delete(self, digest: Digest) -> bool:
         path = self.local_path(digest)
@@ -75,6 +92,41 @@ class LocalBlobStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def rekey(blobs: LocalBlobStore, tmp: Path) -> tuple[int, int]:
+    """Seal every blob with the current key (plaintext ones too); (rewritten, already current).
+
+    Blocking. Each blob is decrypted into memory a chunk at a time, sealed into a temp file,
+    fsynced and renamed over the old one, so a reader never sees a half-written blob and no
+    plaintext reaches the disk. Safe while the proxy runs (open readers keep the old file).
+    """
+    sealer = blobs.sealer
+    if sealer is None:
+        raise ValueError("no encryption key is configured (server.encryption_key_env or _file)")
+    current = sealer.keys.current()[0]
+    rewritten = kept = 0
+    tmp.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in blobs.root.glob("*/*") if p.is_file()):
+        with path.open("rb") as raw:
+            header = raw.read(32)
+        if header[:4] == b"APXE" and header[8:24].decode(errors="replace").strip() == current:
+            kept += 1
+            continue
+        target = tmp / f"rekey-{path.name}.part"
+        chunks = sealer.new_writer()
+        total = 0
+        with open_plain(path, sealer) as src, target.open("wb") as out:
+            while block := src.read(1024 * 1024):
+                total += len(block)
+                out.write(chunks.feed(block))
+            out.write(chunks.finish(total))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(target, path)
+        _fsync_dir(path.parent)
+        rewritten += 1
+    return rewritten, kept
 
 
 def _fsync_dir(directory: Path) -> None:

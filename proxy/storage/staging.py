@@ -5,7 +5,9 @@ Every write into the cache (an upstream download, later an upload) streams into 
 declared hash; only a :class:`StagedBlob` that passed may be handed to a blob store. Leaving the
 writer's ``async with`` without ``finish()`` aborts it and removes the file, so abort is the default
 on any error. Readers (single-flight waiters) may tail the file while it grows: ``progress`` says how
-many bytes are written so far and wakes them on every advance.
+many bytes are written so far and wakes them on every advance. With encryption at rest the temp
+file is sealed as it is written (storage/crypto.py): no plaintext ever reaches the disk, and
+readers follow it chunk by chunk.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 from proxy.model import CHECKABLE_HASHES, Digest
+from proxy.storage.crypto import SealedReader, Sealer, open_plain
 
 FLUSH_BYTES = 512 * 1024
 FLUSH_SECONDS = 0.02
@@ -91,9 +94,11 @@ class StagedWriter:
         expect_size: int | None,
         max_size: int,
         compute: tuple[str, ...] = (),
+        sealer: Sealer | None = None,
     ) -> None:
         self.path = path
         self.progress = Progress()
+        self._chunks = sealer.new_writer() if sealer is not None else None
         self._expect = {k: v.lower() for k, v in expect.items() if k in CHECKABLE_HASHES}
         self._expect_size = expect_size
         self._max_size = max_size
@@ -150,21 +155,35 @@ class StagedWriter:
         await asyncio.to_thread(self._write_and_hash, data)
         self._size += len(data)
         self._last_flush = time.monotonic()
-        self.progress.advance(self._size)
+        # Readers may read what is on disk: sealed, only the chunks already complete.
+        self.progress.advance(self._size if self._chunks is None else self._chunks.sealed_plain)
 
     def _write_and_hash(self, data: bytes) -> None:
+        for hasher in self._hashers.values():
+            hasher.update(data)  # hashlib releases the GIL for large buffers
+        self._write_raw(data if self._chunks is None else self._chunks.feed(data))
+
+    def _write_raw(self, data: bytes) -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        for hasher in self._hashers.values():
-            hasher.update(data)  # hashlib releases the GIL for large buffers
+
+    def open_reader(self) -> FileReader:
+        """A reader of what is written so far, in plaintext (blocking: call from a thread)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        if self._chunks is None:
+            return FileReader(fd, None)
+        return FileReader(fd, SealedReader(fd, self._chunks.header, self._chunks.aead))
 
     async def finish(self) -> StagedBlob:
         """Flush, fsync and verify; on any mismatch the file is removed and an error raised."""
         try:
             await self.flush()
+            if self._chunks is not None:
+                await asyncio.to_thread(self._write_raw, self._chunks.finish(self._size))
+                self.progress.advance(self._size)
             await asyncio.to_thread(self._sync_and_close)
             if self._expect_size is not None and self._size != self._expect_size:
                 raise BlobTruncated(f"got {self._size} bytes, expected {self._expect_size}")
@@ -202,11 +221,29 @@ def _close_and_unlink(fd: int | None, path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+class FileReader:
+    """Plaintext reads of a file, sealed or not (blocking: call from a thread)."""
+
+    def __init__(self, fd: int, sealed: SealedReader | None) -> None:
+        self.fd = fd
+        self._sealed = sealed
+
+    def read(self, offset: int, length: int, total: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; ``total`` is the plaintext available so far."""
+        if self._sealed is None:
+            return os.pread(self.fd, length, offset)
+        return self._sealed.read(offset, length, total)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class StagingArea:
     """The ``tmp/`` directory: same file system as the blobs, so commit is a rename."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sealer: Sealer | None = None) -> None:
         self.root = root
+        self.sealer = sealer
 
     def prepare(self) -> int:
         """Create the directory and remove leftovers of a crash; returns how many were removed."""
@@ -231,4 +268,8 @@ class StagingArea:
         ``compute`` names digests to report besides SHA-256 and the expected ones.
         """
         path = self.root / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
-        return StagedWriter(path, expect or {}, expect_size, max_size, compute)
+        return StagedWriter(path, expect or {}, expect_size, max_size, compute, self.sealer)
+
+    def open_plain(self, staged: StagedBlob) -> BinaryIO:
+        """A staged file's plaintext, for checking an upload's contents (blocking)."""
+        return open_plain(staged.path, self.sealer)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any
 
 from proxy.storage.blobs import BlobInfo
-from proxy.storage.staging import Progress, StagedWriter
+from proxy.storage.staging import FileReader, Progress, StagedWriter
 
 log = logging.getLogger("proxy.flight")
 
@@ -38,6 +38,7 @@ class Flight:
         self._started = asyncio.Event()
         self._progress: Progress | None = None
         self._fd: int | None = None
+        self._reader: FileReader | None = None
         self._users = 0
         self._done = False
         self.callbacks: list[OnCommit] = []
@@ -47,7 +48,8 @@ class Flight:
 
     async def attach(self, writer: StagedWriter, content_type: str, size: int | None) -> None:
         """Called by the fetch once the upstream answered: readers may start tailing."""
-        self._fd = await asyncio.to_thread(os.open, writer.path, os.O_RDONLY)
+        self._reader = await asyncio.to_thread(writer.open_reader)
+        self._fd = self._reader.fd
         self._progress = writer.progress
         self.content_type = content_type
         self.expected_size = size
@@ -78,7 +80,8 @@ class Flight:
         while True:
             if offset < progress.written:
                 size = min(READ_CHUNK, progress.written - offset)
-                chunk = await asyncio.to_thread(os.pread, self._fd, size, offset)
+                assert self._reader is not None
+                chunk = await asyncio.to_thread(self._reader.read, offset, size, progress.written)
                 if not chunk:
                     raise OSError("staging file shrank while being read")
                 offset += len(chunk)
