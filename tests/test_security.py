@@ -96,7 +96,10 @@ def with_token(url: str, token: str) -> str:
 # --- raw HTTP: every answer right ----------------------------------------------------------------
 
 
-async def test_401_and_403_say_why(secured: RunningProxy, http: aiohttp.ClientSession, dists: Dists) -> None:
+async def test_401_and_403_say_why(
+    secured: RunningProxy, http: aiohttp.ClientSession, dists: Dists, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
     page = secured.url + "/default/pypi/team/simple/alpha/"
 
     async def status_of(headers: dict[str, str]) -> tuple[int, str, str]:
@@ -151,6 +154,9 @@ async def test_401_and_403_say_why(secured: RunningProxy, http: aiohttp.ClientSe
     assert ("auth_failure", "denied") in actions and ("denied", "denied") in actions
     assert ("token_issue", "ok") in actions and ("token_revoke", "ok") in actions
     assert all(good not in json.dumps(r) for r in trail["records"])
+    # No token (nor the bootstrap secret) in any log line.
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert logged and all(secret not in logged for secret in (good, short, revoked, other, ADMIN))
     denial = next(r for r in trail["records"] if r["action"] == "denied")
     assert denial["principal"] == "ci" and denial["repository"] == "team" and denial["client"] == "127.0.0.1"
 
