@@ -48,6 +48,7 @@ from proxy.security.tokens import TokenStore
 from proxy.server.admin import API as ADMIN_API
 from proxy.server.admin import AdminRoutes
 from proxy.server.assets import AssetSender
+from proxy.server.metrics import Metrics
 from proxy.server.middleware import request_id_middleware
 from proxy.server.pages import PageStore
 from proxy.server.routing import path_safety_middleware
@@ -153,13 +154,21 @@ def build_app(config: Config) -> web.Application:
     access = AccessControl(
         config.server, pipeline.tokens, registry, pipeline.audit, os.environ.get(ADMIN_TOKEN_ENV) or None
     )
+    metrics = Metrics(clients, flights, data_dir)
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, path_safety_middleware, access.middleware],
+        middlewares=[
+            request_id_middleware,
+            metrics.middleware,
+            error_middleware,
+            path_safety_middleware,
+            access.middleware,
+        ],
     )
     app[PIPELINE] = pipeline
     app[FLIGHTS] = flights
 
     SystemRoutes(index, data_dir, pipeline.audit, clients).register(app.router)
+    app.router.add_get("/-/metrics", metrics.handle)
     SecurityRoutes(pipeline.tokens, pipeline.audit, access).register(app.router)
     AdminRoutes(pipeline).register(app.router)
     for route in app.router.routes():  # the admin API: admin of the domain in the path, or of all

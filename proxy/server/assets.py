@@ -29,6 +29,7 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 SENDFILE_MIN = 64 * 1024  # below this one read and write is as cheap
 SENDFILE_CHUNK = 16 * 2**20
 SENDFILE_IDLE_MS = 60_000
+BYTES_HINT = web.ResponseKey("bytes_hint", int)
 
 
 class BlobFileResponse(web.FileResponse):
@@ -191,7 +192,12 @@ class AssetSender:
         self._executor = executor
 
     def blob(
-        self, request: web.Request, digest: Digest, content_type: str, status: CacheStatus
+        self,
+        request: web.Request,
+        digest: Digest,
+        content_type: str,
+        status: CacheStatus,
+        size: int | None = None,
     ) -> web.StreamResponse:
         """A committed blob by sendfile, or 304 when the client already has these bytes."""
         etag = digest.hex
@@ -208,13 +214,15 @@ class AssetSender:
         response.headers[hdrs.ETAG] = f'"{etag}"'
         _common_headers(response, status, content_type)
         response.headers["X-Content-SHA256"] = etag
+        if size is not None:
+            response[BYTES_HINT] = size  # for metrics: a file response's length is set as it is sent
         return response
 
     async def asset(self, request: web.Request, handle: AssetHandle) -> web.StreamResponse:
         """Answer with the asset ``handle`` points at (see the module docstring)."""
         if handle.record is not None:
             record = handle.record
-            return self.blob(request, record.digest, record.content_type, handle.status)
+            return self.blob(request, record.digest, record.content_type, handle.status, record.size)
         flight = handle.flight
         assert flight is not None
         try:

@@ -16,7 +16,8 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -101,6 +102,8 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig, credentials: CredentialProvider | None = None) -> None:
         self.config = config
         self.credentials = credentials  # injected only into requests to the connection's own origin
+        # Told of every upstream request (metrics): connection, outcome, seconds to headers.
+        self.observer: Callable[[str, str, float | None], None] = _ignore
         self.name = config.name
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
         self._origin = config.origin
@@ -201,8 +204,17 @@ class UpstreamClient:
                     detail={"upstream": self.name},
                 ) from None
             recorded = False
+            started = time.monotonic()
             try:
-                response = await self._follow(url, headers or {}, timeout)
+                try:
+                    response = await self._follow(url, headers or {}, timeout)
+                except (TimeoutError, aiohttp.ServerTimeoutError):
+                    self.observer(self.name, "timeout", None)
+                    raise
+                except (aiohttp.ClientError, OSError):
+                    self.observer(self.name, "error", None)
+                    raise
+                self.observer(self.name, f"{response.status // 100}xx", time.monotonic() - started)
                 if response.status >= 500 or response.status == 429:
                     retry_after = _retry_after(response.headers.get("Retry-After"))
                     response.release()
@@ -332,6 +344,10 @@ class UpstreamClient:
         if retry_after is not None:
             return float(min(retry_after, MAX_RETRY_AFTER))
         return float(min(5.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+
+
+def _ignore(upstream: str, outcome: str, seconds: float | None) -> None:
+    return None
 
 
 def _retry_after(value: str | None) -> float | None:

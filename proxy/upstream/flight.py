@@ -126,6 +126,7 @@ class FlightGroup:
     def __init__(self) -> None:
         self._flights: dict[Hashable, Flight] = {}
         self.started_count = 0
+        self.joined_count = 0  # requests that joined a download already running
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -142,6 +143,8 @@ class FlightGroup:
             self._flights[key] = flight
             self.started_count += 1
             flight.task = asyncio.create_task(self._run(flight, fetch), name=f"flight {key!r}")
+        else:
+            self.joined_count += 1
         flight.acquire()
         if on_commit is not None:
             flight.callbacks.append(on_commit)

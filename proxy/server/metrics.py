@@ -1,0 +1,163 @@
+"""``/-/metrics``: what the proxy is doing, in Prometheus' text format (prometheus-client).
+
+Counted as they happen: requests by format, repository and status; cache results; bytes sent
+from the cache and streamed from upstreams; upstream requests by connection and outcome, with
+their latency. Read when scraped: circuit-breaker state, single-flight downloads started and
+joined, blob store size and count, index size, and each connection's credential expiry. The
+registry is the app's own (no global state), and a scrape runs in a worker thread because it
+walks the blob store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.errors import Handler
+from proxy.server.assets import BYTES_HINT
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.flight import FlightGroup
+
+FORMATS = frozenset({"pypi", "npm", "maven", "nuget"})
+BLOB_WALK_SECONDS = 30.0  # the blob store is walked at most this often
+
+
+class Metrics:
+    """The app's counters and the collector of live values. Built in ``build_app``."""
+
+    def __init__(self, clients: Mapping[str, UpstreamClient], flights: FlightGroup, data_dir: Path) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "artifact_proxy_requests",
+            "Requests answered, by format, repository and HTTP status",
+            ["format", "repository", "status"],
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "artifact_proxy_cache_results",
+            "Responses by cache result (X-Cache: HIT, MISS, STALE, REVALIDATED, LOCAL)",
+            ["format", "result"],
+            registry=self.registry,
+        )
+        self.bytes = Counter(
+            "artifact_proxy_bytes_sent",
+            "Response bytes, by where they came from (cache, upstream)",
+            ["source"],
+            registry=self.registry,
+        )
+        self.upstream = Counter(
+            "artifact_proxy_upstream_requests",
+            "Requests to external connections, by outcome (a status class or an error)",
+            ["upstream", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "artifact_proxy_upstream_latency_seconds",
+            "Time to an upstream's response headers",
+            ["upstream"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.registry.register(_Live(clients, flights, data_dir))
+        for client in clients.values():
+            client.observer = self.observe_upstream
+
+    def observe_upstream(self, upstream: str, outcome: str, seconds: float | None) -> None:
+        self.upstream.labels(upstream, outcome).inc()
+        if seconds is not None:
+            self.latency.labels(upstream).observe(seconds)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Count each response once it is complete (after the error middleware made it one)."""
+        response = await handler(request)
+        parts = request.path.split("/", 4)
+        fmt = parts[2] if len(parts) > 3 and parts[2] in FORMATS else ""
+        repo = parts[3] if fmt else ""
+        self.requests.labels(fmt or "-", repo or "-", str(response.status)).inc()
+        result = response.headers.get("X-Cache")
+        if result:
+            self.cache.labels(fmt or "-", result).inc()
+            size = response.content_length or response.body_length or response.get(BYTES_HINT) or 0
+            if size and response.status in {200, 206}:
+                self.bytes.labels("cache" if result in {"HIT", "STALE", "REVALIDATED"} else "upstream").inc(
+                    size
+                )
+        return response
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _Live(Collector):
+    """Values read at scrape time from the objects that hold them."""
+
+    def __init__(self, clients: Mapping[str, UpstreamClient], flights: FlightGroup, data_dir: Path) -> None:
+        self._clients = clients
+        self._flights = flights
+        self._data_dir = data_dir
+        self._blob_stats: tuple[float, int, int] = (0.0, 0, 0)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # nothing to check at registration (collect walks the disk)
+
+    def collect(self) -> Iterator[Metric]:
+        breaker = GaugeMetricFamily(
+            "artifact_proxy_circuit_open",
+            "1 while a connection's circuit breaker is open",
+            labels=["upstream"],
+        )
+        expiry = GaugeMetricFamily(
+            "artifact_proxy_credential_expiry_timestamp",
+            "When each connection's current upstream token expires (Unix time)",
+            labels=["upstream"],
+        )
+        for name, client in self._clients.items():
+            breaker.add_metric([name], 1.0 if client.breaker.state == "open" else 0.0)
+            status = client.credentials.status() if client.credentials is not None else {}
+            if status.get("expires_at"):
+                expiry.add_metric([name], float(status["expires_at"]))
+        yield breaker
+        yield expiry
+        flights = GaugeMetricFamily(
+            "artifact_proxy_flights",
+            "Single-flight downloads: started, joined by waiters, in progress",
+            labels=["kind"],
+        )
+        flights.add_metric(["started"], float(self._flights.started_count))
+        flights.add_metric(["joined"], float(self._flights.joined_count))
+        flights.add_metric(["in_progress"], float(len(self._flights)))
+        yield flights
+        count, size = self._blobs()
+        yield GaugeMetricFamily("artifact_proxy_blobs", "Blobs in the store", value=float(count))
+        yield GaugeMetricFamily("artifact_proxy_blob_bytes", "Bytes of blobs in the store", value=float(size))
+        index = self._data_dir / "index.sqlite3"
+        index_bytes = sum(
+            p.stat().st_size for p in (index, index.with_name("index.sqlite3-wal")) if p.exists()
+        )
+        yield GaugeMetricFamily(
+            "artifact_proxy_index_bytes", "Bytes of the SQLite index and its WAL", value=float(index_bytes)
+        )
+
+    def _blobs(self) -> tuple[int, int]:
+        at, count, size = self._blob_stats
+        if time.monotonic() - at < BLOB_WALK_SECONDS:
+            return count, size
+        count = size = 0
+        for path in (self._data_dir / "blobs").rglob("*"):
+            try:
+                if path.is_file():
+                    size += path.stat().st_size
+                    count += 1
+            except FileNotFoundError:
+                continue
+        self._blob_stats = (time.monotonic(), count, size)
+        return count, size
