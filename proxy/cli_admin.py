@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 import aiohttp
 
 from proxy.app import Services, build_services
+from proxy.cli_ops import add_ops_parsers
 from proxy.cli_security import add_security_parsers, run_security, wants_local
 from proxy.config import Config, ConfigError
 from proxy.errors import ProxyError
@@ -168,6 +169,7 @@ def add_admin_parsers(sub: Subparsers) -> None:
         return parser
 
     add_security_parsers(sub, common)
+    add_ops_parsers(sub, common)
 
     domain = group("domain", "list, create and delete domains")
     leaf(domain, "list", "list the domains", _domain_list)

@@ -120,6 +120,7 @@ class Resolver:
         self.config = config
         self.registry = registry
         self._index = index
+        self.index = index  # for the CLI's maintenance commands (gc, verify, stats)
         self._catalog = catalog
         self._hot = hot
         self._blobs = blobs

@@ -45,6 +45,10 @@ class LocalBlobStore:
         with open_plain(path, self.sealer) as f:
             return f.seek(0, os.SEEK_END)
 
+    def open_plain_path(self, path: Path) -> BinaryIO:
+        """A blob file's plaintext by path (verify walks files, not digests)."""
+        return open_plain(path, self.sealer)
+
     def open_plain(self, digest: Digest) -> BinaryIO:
         """A blob's plaintext as a seekable file, sealed or not (blocking: call from a thread)."""
         return open_plain(self.local_path(digest), self.sealer)

@@ -1,0 +1,100 @@
+"""``artifact-proxy gc|verify|stats``: bound, check and measure the cache (storage/lifecycle.py).
+
+They work on the data directory, and are safe while the proxy runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from proxy.config import ConfigError, parse_size
+from proxy.errors import BadRequest
+from proxy.pipeline.services import Pipeline
+from proxy.storage import lifecycle
+
+
+def add_ops_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    gc = sub.add_parser(
+        "gc", parents=[common], help="evict least recently used cached assets to a size budget"
+    )
+    gc.add_argument("--max-size", required=True, help="budget for the blob store, e.g. 50GiB")
+    gc.add_argument("--dry-run", action="store_true", help="say what would be evicted")
+    gc.set_defaults(security=_gc)
+    verify = sub.add_parser("verify", parents=[common], help="re-hash every blob; find missing ones")
+    verify.add_argument("--repair", action="store_true", help="quarantine corrupt blobs, drop their rows")
+    verify.set_defaults(security=_verify)
+    stats = sub.add_parser("stats", parents=[common], help="usage per repository and format")
+    stats.set_defaults(security=_stats)
+
+
+async def _gc(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    assert pipeline is not None
+    try:
+        budget = parse_size(args.max_size, "--max-size")
+    except ConfigError as exc:
+        raise BadRequest(str(exc)) from exc
+    report = await lifecycle.gc(pipeline.resolver.index, pipeline.blobs, budget, dry_run=args.dry_run)
+    if not args.dry_run:
+        pipeline.audit.record(
+            "gc", detail={"evicted": len(report.evicted), "blobs_deleted": report.blobs_deleted}
+        )
+    verb = "would evict" if args.dry_run else "evicted"
+    lines = [f"{verb} {e['repository']} {e['format']} {e['package']} {e['filename']}" for e in report.evicted]
+    lines.append(
+        f"blob store: {_size(report.before)} -> {_size(report.after)} (budget {_size(budget)}); "
+        f"{len(report.evicted)} cached asset(s) {verb}, {report.blobs_deleted} blob(s) "
+        f"{'to delete' if args.dry_run else 'deleted'}"
+    )
+    data = {
+        "before": report.before,
+        "after": report.after,
+        "budget": budget,
+        "evicted": report.evicted,
+        "blobs_deleted": report.blobs_deleted,
+        "dry_run": args.dry_run,
+    }
+    return data, lines
+
+
+async def _verify(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    assert pipeline is not None
+    data_dir = pipeline.config.server.data_dir
+    report = await lifecycle.verify(pipeline.resolver.index, pipeline.blobs, data_dir, repair=args.repair)
+    lines = [f"corrupt blob {d}" for d in report.corrupt] + [f"missing blob {d}" for d in report.missing]
+    lines += [f"hosted file lost (republish it): {name}" for name in report.hosted_lost]
+    lines.append(
+        f"checked {report.checked} blob(s): {len(report.corrupt)} corrupt, {len(report.missing)} missing"
+        + (f"; removed {report.rows_removed} index row(s)" if args.repair else "")
+    )
+    if args.repair:
+        pipeline.audit.record("verify", detail={"corrupt": report.corrupt, "missing": report.missing})
+    data = {
+        "checked": report.checked,
+        "corrupt": report.corrupt,
+        "missing": report.missing,
+        "rows_removed": report.rows_removed,
+        "hosted_lost": report.hosted_lost,
+    }
+    return data, lines
+
+
+async def _stats(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    assert pipeline is not None
+    data = await lifecycle.stats(pipeline.resolver.index, pipeline.blobs)
+    lines = [
+        f"{r['repository']:<28} {r['format']:<6} hosted {r['hosted_files']:>6}  "
+        f"cached {r['cached_files']:>6}  {_size(r['bytes'])}"
+        for r in data["repositories"]
+    ]
+    lines.append(f"blob store: {data['blobs']} blob(s), {_size(data['blob_bytes'])}")
+    return data, lines
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"

@@ -1,0 +1,189 @@
+"""Cache lifecycle: bound the store (gc), check it (verify), and say what it holds (stats).
+
+``gc`` evicts the least recently used *cached* assets (what an upstream can give again) until
+the blob store fits the budget, then deletes blobs no index row references. Hosted (published)
+files are never evicted. It is safe while the proxy runs: a blob is deleted only when no row
+references it and it is older than a grace period (a download that just committed has its row
+written right after its rename), and a reader that already opened a blob keeps reading it after
+the unlink (POSIX). The running proxy notices the index change within seconds and forgets what
+it kept in memory.
+
+``verify`` re-hashes every blob's plaintext against its name and checks that every index row's
+blob exists; ``--repair`` moves corrupt blobs to ``quarantine/`` and removes the rows that point
+at corrupt or missing blobs, so cached files are fetched again (hosted ones are reported lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy.storage.index import Index
+from proxy.storage.local import LocalBlobStore
+
+GRACE_SECONDS = 600.0
+
+
+@dataclass(slots=True)
+class GcReport:
+    budget: int
+    before: int
+    after: int = 0
+    evicted: list[dict[str, Any]] = field(default_factory=list)
+    blobs_deleted: int = 0
+    dry_run: bool = False
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    checked: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    rows_removed: int = 0
+    hosted_lost: list[str] = field(default_factory=list)
+
+
+def _blob_files(blobs: LocalBlobStore) -> dict[str, tuple[Path, int, float]]:
+    """digest → (path, bytes on disk, mtime) of every blob file (blocking)."""
+    found = {}
+    for path in blobs.root.glob("*/*"):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            found[path.name] = (path, st.st_size, st.st_mtime)
+    return found
+
+
+async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool = False) -> GcReport:
+    """See the module docstring."""
+    files = await asyncio.to_thread(_blob_files, blobs)
+    usage = sum(size for _, size, _ in files.values())
+    report = GcReport(budget=budget, before=usage, dry_run=dry_run)
+    db = index.db
+    async with db.execute("SELECT digest, COUNT(*) FROM assets GROUP BY digest") as cur:
+        refs = {str(d): int(n) for d, n in await cur.fetchall()}
+    sql = (
+        "SELECT domain, repository, format, package, filename, digest, size, last_accessed FROM assets "
+        "WHERE hosted = 0 ORDER BY last_accessed, fetched_at"
+    )
+    async with db.execute(sql) as cur:
+        candidates = await cur.fetchall()
+    doomed: list[tuple[Any, ...]] = []
+    for row in candidates:
+        if usage <= budget:
+            break
+        digest = str(row[5])
+        doomed.append(tuple(row))
+        refs[digest] -= 1
+        if refs[digest] == 0 and digest in files:
+            usage -= files[digest][1]
+        report.evicted.append(
+            {"repository": f"{row[0]}/{row[1]}", "format": row[2], "package": row[3], "filename": row[4]}
+        )
+    now = time.time()
+    evicted_digests = {str(row[5]) for row in doomed}
+    # Blobs this run unreferenced go now; other orphans only once old enough that they cannot be
+    # a download whose row is about to be written.
+    unreferenced = [
+        d
+        for d, (_, _, mtime) in files.items()
+        if refs.get(d, 0) <= 0 and (d in evicted_digests or now - mtime >= GRACE_SECONDS)
+    ]
+    if dry_run:
+        report.after = usage
+        report.blobs_deleted = len(unreferenced)
+        return report
+    if doomed:
+        async with index.transaction():
+            for victim in doomed:
+                await db.execute(
+                    "DELETE FROM assets WHERE domain=? AND repository=? AND format=? AND package=? "
+                    "AND filename=?",
+                    victim[:5],
+                )
+    for digest in unreferenced:
+        # Looked again inside the check: a row may have been written since (the proxy runs).
+        async with db.execute("SELECT 1 FROM assets WHERE digest=? LIMIT 1", (digest,)) as cur:
+            if await cur.fetchone() is not None:
+                continue
+        path = files[digest][0]
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        report.blobs_deleted += 1
+    report.after = sum(size for _, size, _ in (await asyncio.to_thread(_blob_files, blobs)).values())
+    return report
+
+
+async def verify(
+    index: Index, blobs: LocalBlobStore, data_dir: Path, *, repair: bool = False
+) -> VerifyReport:
+    """See the module docstring."""
+    report = VerifyReport()
+    files = await asyncio.to_thread(_blob_files, blobs)
+    for digest, (path, _, _) in sorted(files.items()):
+        ok = await asyncio.to_thread(_hash_matches, blobs, path, digest)
+        report.checked += 1
+        if not ok:
+            report.corrupt.append(digest)
+    async with index.db.execute("SELECT DISTINCT digest FROM assets") as cur:
+        referenced = {str(r[0]) for r in await cur.fetchall()}
+    report.missing = sorted(referenced - set(files))
+    if not repair:
+        return report
+    quarantine = data_dir / "quarantine"
+    for digest in report.corrupt:
+        await asyncio.to_thread(quarantine.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(os.replace, files[digest][0], quarantine / digest)
+    bad = report.corrupt + report.missing
+    async with index.transaction():
+        for digest in bad:
+            sql = (
+                "SELECT domain, repository, format, package, filename FROM assets WHERE digest=? AND hosted=1"
+            )
+            async with index.db.execute(sql, (digest,)) as cur:
+                report.hosted_lost += ["/".join(map(str, r)) for r in await cur.fetchall()]
+            cur2 = await index.db.execute("DELETE FROM assets WHERE digest=?", (digest,))
+            report.rows_removed += cur2.rowcount
+    return report
+
+
+def _hash_matches(blobs: LocalBlobStore, path: Path, digest: str) -> bool:
+    h = hashlib.sha256()
+    try:
+        with blobs.open_plain_path(path) as f:
+            while chunk := f.read(1024 * 1024):
+                h.update(chunk)
+    except Exception:  # noqa: BLE001 - unreadable or undecryptable is corrupt
+        return False
+    return h.hexdigest() == digest
+
+
+async def stats(index: Index, blobs: LocalBlobStore) -> dict[str, Any]:
+    """Usage per repository and format, and of the blob store."""
+    sql = (
+        "SELECT domain, repository, format, SUM(hosted), COUNT(*) - SUM(hosted), SUM(size) "
+        "FROM assets GROUP BY domain, repository, format ORDER BY domain, repository, format"
+    )
+    async with index.db.execute(sql) as cur:
+        rows = await cur.fetchall()
+    files = await asyncio.to_thread(_blob_files, blobs)
+    return {
+        "repositories": [
+            {
+                "repository": f"{r[0]}/{r[1]}",
+                "format": r[2],
+                "hosted_files": int(r[3] or 0),
+                "cached_files": int(r[4] or 0),
+                "bytes": int(r[5] or 0),
+            }
+            for r in rows
+        ],
+        "blobs": len(files),
+        "blob_bytes": sum(size for _, size, _ in files.values()),
+    }
