@@ -6,12 +6,17 @@ They work on the data directory, and are safe while the proxy runs on it.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from proxy.config import ConfigError, parse_size
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, ProxyError
 from proxy.pipeline.services import Pipeline
 from proxy.storage import lifecycle
+from proxy.warm import read_pins, summary, warm
 
 
 def add_ops_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -26,6 +31,15 @@ def add_ops_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     verify.set_defaults(security=_verify)
     stats = sub.add_parser("stats", parents=[common], help="usage per repository and format")
     stats.set_defaults(security=_stats)
+    warm = sub.add_parser("warm", parents=[common], help="fetch everything lockfiles pin into the cache")
+    warm.add_argument("--domain", required=True)
+    warm.add_argument("--repo", required=True)
+    warm.add_argument(
+        "--endpoint", help="the proxy's URL (default: server.public_url, else its listen address)"
+    )
+    warm.add_argument("--concurrency", type=int, default=8, help="downloads at a time (default 8)")
+    warm.add_argument("files", nargs="+", type=Path, help="requirements.txt, uv.lock, package-lock.json, …")
+    warm.set_defaults(security=_warm, remote=True)
 
 
 async def _gc(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -89,6 +103,29 @@ async def _stats(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[A
     ]
     lines.append(f"blob store: {data['blobs']} blob(s), {_size(data['blob_bytes'])}")
     return data, lines
+
+
+async def _warm(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    pins = []
+    for path in args.files:
+        try:
+            pins += await asyncio.to_thread(read_pins, path)
+        except (OSError, ValueError) as exc:
+            raise BadRequest(str(exc)) from exc
+    endpoint = args.endpoint or args.default_endpoint
+    token = next(
+        (os.environ[n] for n in ("ARTIFACT_PROXY_TOKEN", "ARTIFACT_PROXY_ADMIN_TOKEN") if os.environ.get(n)),
+        None,
+    )
+    result = await warm(
+        endpoint, args.domain, args.repo, pins, token=token, concurrency=max(1, args.concurrency)
+    )
+    data = {"pins": len(pins), "artifacts": result.fetched, "failed": result.failed}
+    if result.failed:
+        for line in summary(result, len(pins)):
+            print(line, file=sys.stderr)
+        raise ProxyError(f"{len(result.failed)} of {len(pins)} pinned package(s) could not be warmed")
+    return data, summary(result, len(pins))
 
 
 def _size(n: int) -> str:

@@ -86,6 +86,8 @@ async def run_security(pipeline: Pipeline | None, args: argparse.Namespace) -> t
 
 
 def wants_local(args: argparse.Namespace) -> bool:
+    if getattr(args, "remote", False):  # talks to a running proxy only (warm)
+        return False
     if args.security is _login:  # with a credential in the environment, ask the proxy's API
         return not any(os.environ.get(name) for name in CREDENTIAL_ENVS)
     return not getattr(args, "endpoint", None)
