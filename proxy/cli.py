@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate chain (PEM)")
     serve.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     serve.add_argument("--log-level", default=os.environ.get("ARTIFACT_PROXY_LOG_LEVEL", "INFO"))
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("ARTIFACT_PROXY_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line (access lines with their fields)",
+    )
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     common_options(check)
@@ -57,11 +63,11 @@ def load(args: argparse.Namespace) -> Config:
     return load_config(flags.over(Overrides.from_env(os.environ)), os.environ)
 
 
-def serve(config: Config, log_level: str) -> int:
+def serve(config: Config, log_level: str, log_format: str = "text") -> int:
     from proxy.app import build_app
     from proxy.observability import AccessLogger, setup_logging
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         import uvloop
 
@@ -98,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"artifact-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve(config, args.log_level)
+        return serve(config, args.log_level, args.log_format)
     if getattr(args, "security", None) is not None:
         return administer_security(config, args)
     if getattr(args, "run", None) is not None:
