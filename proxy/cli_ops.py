@@ -9,13 +9,17 @@ import argparse
 import asyncio
 import os
 import sys
+import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.config import ConfigError, parse_size
+from proxy.config import ConfigError, parse_duration, parse_size
 from proxy.errors import BadRequest, ProxyError
+from proxy.model import RepoRef
 from proxy.pipeline.services import Pipeline
-from proxy.storage import lifecycle
+from proxy.storage import bundle, lifecycle
 from proxy.warm import read_pins, summary, warm
 
 
@@ -40,6 +44,17 @@ def add_ops_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     warm.add_argument("--concurrency", type=int, default=8, help="downloads at a time (default 8)")
     warm.add_argument("files", nargs="+", type=Path, help="requirements.txt, uv.lock, package-lock.json, …")
     warm.set_defaults(security=_warm, remote=True)
+    export = sub.add_parser("export", parents=[common], help="write a repository to a bundle for an air gap")
+    export.add_argument("--domain", required=True)
+    export.add_argument("--repo", required=True)
+    export.add_argument("--since", help="only assets cached or published since (ISO-8601 or a duration)")
+    export.add_argument("--sign-key-env", help="sign with the HMAC key in this environment variable")
+    export.add_argument("bundle", type=Path)
+    export.set_defaults(security=_export)
+    imp = sub.add_parser("import", parents=[common], help="load a bundle (every digest checked)")
+    imp.add_argument("--verify-key-env", help="require a signature by the HMAC key in this variable")
+    imp.add_argument("bundle", type=Path)
+    imp.set_defaults(security=_import)
 
 
 async def _gc(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -126,6 +141,96 @@ async def _warm(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[An
             print(line, file=sys.stderr)
         raise ProxyError(f"{len(result.failed)} of {len(pins)} pinned package(s) could not be warmed")
     return data, summary(result, len(pins))
+
+
+def _key(env_name: str | None) -> bytes | None:
+    if not env_name:
+        return None
+    value = os.environ.get(env_name)
+    if not value:
+        raise BadRequest(f"{env_name} is not set")
+    return value.encode()
+
+
+def _progress(what: str) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        print(f"\r{what}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    return show
+
+
+async def _export(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    assert pipeline is not None
+    ref = RepoRef(args.domain, args.repo)
+    pipeline.registry.repository(ref)
+    since = _since(args.since) if args.since else None
+    manifest, bodies = await bundle.collect(pipeline.resolver.index, ref, _connections(pipeline, ref), since)
+    key = _key(args.sign_key_env)
+    await asyncio.to_thread(
+        bundle.write_bundle, args.bundle, manifest, bodies, pipeline.blobs, key, _progress("blobs")
+    )
+    pipeline.audit.record(
+        "export", domain=ref.domain, repository=ref.repository, detail={"bundle": str(args.bundle)}
+    )
+    counts = {"assets": len(manifest["assets"]), "documents": len(manifest["documents"])}
+    return {**counts, "signed": key is not None, "path": str(args.bundle)}, [
+        f"wrote {args.bundle}: {counts['assets']} asset(s), {counts['documents']} document(s)"
+        + (", signed" if key else "")
+    ]
+
+
+async def _import(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    assert pipeline is not None
+    try:
+        manifest = await asyncio.to_thread(bundle.read_manifest, args.bundle, _key(args.verify_key_env))
+        ref = RepoRef(manifest["domain"], manifest["repository"])
+        pipeline.registry.repository(ref)
+        staging = pipeline.publisher.staging
+        await asyncio.to_thread(staging.root.mkdir, parents=True, exist_ok=True)  # a fresh data dir
+        await asyncio.to_thread(pipeline.blobs.prepare)
+        counts = await bundle.import_bundle(
+            args.bundle, manifest, pipeline.resolver.index, pipeline.blobs, staging, _progress("blobs")
+        )
+    except (bundle.BundleError, tarfile.TarError, OSError) as exc:
+        raise ProxyError(f"{args.bundle} rejected: {exc}") from exc
+    pipeline.audit.record("import", domain=ref.domain, repository=ref.repository, detail=counts)
+    return counts, [
+        f"imported into {ref.domain}/{ref.repository}: {counts['assets']} asset(s), "
+        f"{counts['blobs']} blob(s), {counts['documents']} document(s), every digest checked"
+    ]
+
+
+def _connections(pipeline: Pipeline, ref: RepoRef) -> list[str]:
+    """The external connections along a repository's chain."""
+    found: list[str] = []
+    domain = pipeline.registry.domain(ref.domain)
+    assert domain is not None
+    stack = [ref.repository]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        repo = domain.repository(name)
+        if repo is None:
+            if name not in found:
+                found.append(name)
+            continue
+        stack.extend(reversed(repo.upstreams))
+    return found
+
+
+def _since(text: str) -> float:
+    import datetime
+
+    try:
+        return time.time() - parse_duration(text, "--since")
+    except ConfigError:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        return moment.timestamp()
 
 
 def _size(n: int) -> str:
