@@ -64,6 +64,7 @@ from proxy.storage.staging import StagingArea
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.credentials import build_provider
 from proxy.upstream.flight import FlightGroup
+from proxy.webhooks import WebhookDispatcher
 
 log = logging.getLogger("proxy.app")
 
@@ -86,6 +87,7 @@ class Services:
     documents: DocumentCache
     clients: dict[str, UpstreamClient]
     page_files: PageFiles
+    webhooks: WebhookDispatcher
 
 
 def build_services(
@@ -112,6 +114,8 @@ def build_services(
     flights = FlightGroup()
     server = config.server
     audit = AuditLog(index, fetches=server.audit_fetches, file=server.audit_file)
+    webhooks = WebhookDispatcher(config.webhooks)
+    audit.subscribe(webhooks.observe)
     tokens = TokenStore(
         index, server.token_default_duration, server.token_min_duration, server.token_max_duration
     )
@@ -136,7 +140,7 @@ def build_services(
         audit=audit,
         tokens=tokens,
     )
-    return Services(pipeline, index, blobs, staging, flights, documents, clients, page_files)
+    return Services(pipeline, index, blobs, staging, flights, documents, clients, page_files, webhooks)
 
 
 def build_app(config: Config) -> web.Application:
@@ -154,7 +158,7 @@ def build_app(config: Config) -> web.Application:
     access = AccessControl(
         config.server, pipeline.tokens, registry, pipeline.audit, os.environ.get(ADMIN_TOKEN_ENV) or None
     )
-    metrics = Metrics(clients, flights, data_dir)
+    metrics = Metrics(clients, flights, data_dir, services.webhooks)
     app = web.Application(
         middlewares=[
             request_id_middleware,
@@ -212,6 +216,7 @@ def build_app(config: Config) -> web.Application:
         if config.server.admin_token_file is not None:
             access.use_admin_secret(await asyncio.to_thread(_read_secret, config.server.admin_token_file))
         pipeline.audit.start()
+        services.webhooks.start()
         for client in clients.values():
             await client.start()
         toucher = asyncio.create_task(
@@ -246,6 +251,7 @@ def build_app(config: Config) -> web.Application:
             with contextlib.suppress(Exception):
                 await resolver.flush_touches()
                 await pipeline.tokens.flush_last_used()
+            await services.webhooks.aclose()
             try:
                 await pipeline.audit.aclose()
             except Exception:

@@ -202,6 +202,20 @@ class DomainConfig:
         return None
 
 
+WEBHOOK_EVENTS = ("publish", "delete", "status", "copy", "ingest")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """Where to POST package events (proxy/webhooks.py); the signing secret only by reference."""
+
+    url: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    domain: str | None = None  # None: every domain
+    repository: str | None = None  # None: every repository of the domain
+    secret_env: str | None = None  # HMAC-SHA256 key for the signature header
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration."""
@@ -209,6 +223,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     domains: tuple[DomainConfig, ...] = ()
+    webhooks: tuple[WebhookConfig, ...] = ()
     notes: tuple[str, ...] = ()  # what the operator should hear at startup (left-out connections)
 
     def domain(self, name: str) -> DomainConfig | None:
@@ -288,7 +303,7 @@ def load_config(overrides: Overrides, env: Mapping[str, str]) -> Config:
 
 def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str, str]) -> Config:
     """Validate a decoded TOML document and apply overrides."""
-    _only_keys(raw, "", {"server", "upstreams", "domains"})
+    _only_keys(raw, "", {"server", "upstreams", "domains", "webhooks"})
     server = _parse_server(_table(raw, "server"), overrides)
     upstreams_raw = _table(raw, "upstreams")
     upstreams: dict[str, UpstreamConfig] = {}
@@ -310,9 +325,36 @@ def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str,
     names = [d.name for d in domains]
     if len(names) != len(set(names)):
         raise ConfigError("domains: a domain name is used twice")
-    config = Config(server=server, upstreams=upstreams, domains=domains, notes=tuple(notes))
+    webhooks = tuple(_parse_webhook(i, w, env) for i, w in enumerate(raw.get("webhooks") or []))
+    config = Config(
+        server=server, upstreams=upstreams, domains=domains, notes=tuple(notes), webhooks=webhooks
+    )
     check_upstream_graph(config)
     return config
+
+
+def _parse_webhook(i: int, raw: object, env: Mapping[str, str]) -> WebhookConfig:
+    p = f"webhooks[{i}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a table ([[webhooks]])")
+    _only_keys(raw, p, {"url", "events", "domain", "repository", "secret_env"})
+    url = _get(raw, "url", p, str, "")
+    if urlsplit(url).scheme not in {"http", "https"}:
+        raise ConfigError(f"{p}.url: expected an http(s) URL, got {url!r}")
+    events = tuple(_get(raw, "events", p, list, list(WEBHOOK_EVENTS)))
+    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+    if unknown or not events:
+        raise ConfigError(f"{p}.events: a list of {', '.join(WEBHOOK_EVENTS)}")
+    secret_env = _get(raw, "secret_env", p, str, None)
+    if secret_env is not None and not env.get(secret_env):
+        raise ConfigError(f"{p}.secret_env: the environment variable {secret_env} is not set")
+    return WebhookConfig(
+        url=url,
+        events=events,
+        domain=_get(raw, "domain", p, str, None),
+        repository=_get(raw, "repository", p, str, None),
+        secret_env=secret_env,
+    )
 
 
 def _without_upstreams(domains_raw: list[Any], names: set[str]) -> list[Any]:

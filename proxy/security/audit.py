@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,13 +87,31 @@ class AuditLog:
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self.failing: str | None = None  # the last write error, for /-/readyz
+        self._listeners: list[Callable[[AuditEvent], None]] = []
         self._flushing = asyncio.Lock()  # one appender at a time: the writer task, a query, shutdown
+
+    def subscribe(self, listener: Callable[[AuditEvent], None]) -> None:
+        """Be told of every event as it is recorded (webhooks); listeners must not block."""
+        self._listeners.append(listener)
 
     def record(self, action: str, *, result: str = "ok", **fields: Any) -> None:
         """Queue one event for the current actor (never blocks, never raises)."""
+        event = self._event(action, result, fields)
+        self._queue.append(event)
+        self._wakeup.set()
+        self._tell(event)
+
+    def _tell(self, event: AuditEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("audit listener failed")
+
+    def _event(self, action: str, result: str, fields: dict[str, Any]) -> AuditEvent:
         actor = ACTOR.get() or SYSTEM
         detail = fields.pop("detail", None) or {}
-        event = AuditEvent(
+        return AuditEvent(
             at=time.time(),
             principal=actor.principal,
             token_id=actor.token_id,
@@ -103,13 +121,13 @@ class AuditLog:
             detail=detail,
             **{k: "" if v is None else str(v) for k, v in fields.items()},
         )
-        self._queue.append(event)
-        self._wakeup.set()
 
     def fetch(self, status: str, **fields: Any) -> None:
-        """An artifact fetch, recorded as ``server.audit_fetches`` says."""
+        """An artifact fetch, recorded as ``server.audit_fetches`` says (listeners hear misses)."""
         if self.fetches == "all" or (self.fetches == "misses" and status != "HIT"):
             self.record("fetch", result=status.lower(), **fields)
+        elif status != "HIT" and self._listeners:
+            self._tell(self._event("fetch", status.lower(), fields))
 
     def start(self) -> None:
         if self._writer is None:

@@ -24,6 +24,7 @@ from proxy.errors import Handler
 from proxy.server.assets import BYTES_HINT
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.flight import FlightGroup
+from proxy.webhooks import WebhookDispatcher
 
 FORMATS = frozenset({"pypi", "npm", "maven", "nuget"})
 BLOB_WALK_SECONDS = 30.0  # the blob store is walked at most this often
@@ -32,7 +33,13 @@ BLOB_WALK_SECONDS = 30.0  # the blob store is walked at most this often
 class Metrics:
     """The app's counters and the collector of live values. Built in ``build_app``."""
 
-    def __init__(self, clients: Mapping[str, UpstreamClient], flights: FlightGroup, data_dir: Path) -> None:
+    def __init__(
+        self,
+        clients: Mapping[str, UpstreamClient],
+        flights: FlightGroup,
+        data_dir: Path,
+        webhooks: WebhookDispatcher | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "artifact_proxy_requests",
@@ -65,7 +72,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.registry.register(_Live(clients, flights, data_dir))
+        self.registry.register(_Live(clients, flights, data_dir, webhooks))
         for client in clients.values():
             client.observer = self.observe_upstream
 
@@ -100,7 +107,14 @@ class Metrics:
 class _Live(Collector):
     """Values read at scrape time from the objects that hold them."""
 
-    def __init__(self, clients: Mapping[str, UpstreamClient], flights: FlightGroup, data_dir: Path) -> None:
+    def __init__(
+        self,
+        clients: Mapping[str, UpstreamClient],
+        flights: FlightGroup,
+        data_dir: Path,
+        webhooks: WebhookDispatcher | None,
+    ) -> None:
+        self._webhooks = webhooks
         self._clients = clients
         self._flights = flights
         self._data_dir = data_dir
@@ -136,6 +150,14 @@ class _Live(Collector):
         flights.add_metric(["joined"], float(self._flights.joined_count))
         flights.add_metric(["in_progress"], float(len(self._flights)))
         yield flights
+        if self._webhooks is not None:
+            hooks = GaugeMetricFamily(
+                "artifact_proxy_webhook_deliveries", "Webhook deliveries by outcome", labels=["outcome"]
+            )
+            hooks.add_metric(["delivered"], float(self._webhooks.delivered))
+            hooks.add_metric(["failed"], float(self._webhooks.failed))
+            hooks.add_metric(["dropped"], float(self._webhooks.dropped))
+            yield hooks
         count, size = self._blobs()
         yield GaugeMetricFamily("artifact_proxy_blobs", "Blobs in the store", value=float(count))
         yield GaugeMetricFamily("artifact_proxy_blob_bytes", "Bytes of blobs in the store", value=float(size))
