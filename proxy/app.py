@@ -23,8 +23,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.config import Config, ConfigError, ServerConfig
-from proxy.errors import NotFound, error_middleware
+from proxy.errors import Conflict, NotFound, error_middleware
 from proxy.formats import FORMATS
 from proxy.model import RepoRef
 from proxy.pipeline.documents import DocumentCache
@@ -143,8 +144,11 @@ def build_services(
     return Services(pipeline, index, blobs, staging, flights, documents, clients, page_files, webhooks)
 
 
-def build_app(config: Config) -> web.Application:
-    """Construct every service for ``config`` and wire them into an aiohttp application."""
+def build_app(config: Config, reload_config: Callable[[], Config] | None = None) -> web.Application:
+    """Construct every service for ``config`` and wire them into an aiohttp application.
+
+    ``reload_config`` reads the configuration again (SIGHUP and ``POST /-/api/v1/reload``).
+    """
     data_dir = config.server.data_dir
     # Cache hits stream by os.sendfile from these threads; they mostly wait in poll(), so many
     # are cheap, and their number bounds concurrent large sendfile transfers.
@@ -174,6 +178,27 @@ def build_app(config: Config) -> web.Application:
     SystemRoutes(index, data_dir, pipeline.audit, clients).register(app.router)
     app.router.add_get("/-/metrics", metrics.handle)
     SecurityRoutes(pipeline.tokens, pipeline.audit, access).register(app.router)
+
+    async def reload() -> dict[str, int]:
+        """Apply the config file's domains and repositories again, without a restart. Connections
+        and server settings are fixed at startup: a change to them is refused, not half-applied."""
+        if reload_config is None:
+            raise Conflict("this proxy was not started from a config it can read again")
+        fresh = await asyncio.to_thread(reload_config)
+        if fresh.upstreams != config.upstreams or fresh.server != config.server:
+            raise Conflict("the upstream connections or server settings changed: restart to apply them")
+        await registry.seed(fresh)
+        pipeline.audit.record("reload", detail={"domains": len(fresh.domains)})
+        log.info("configuration reloaded: %d domain(s)", len(fresh.domains))
+        return {
+            "domains": len(fresh.domains),
+            "repositories": sum(len(d.repositories) for d in fresh.domains),
+        }
+
+    async def reload_handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response(await reload())
+
+    access.require(app.router.add_post(f"{ADMIN_API}/reload", reload_handler), "admin", "proxy")
     AdminRoutes(pipeline).register(app.router)
     for route in app.router.routes():  # the admin API: admin of the domain in the path, or of all
         info = route.resource.get_info() if route.resource is not None else {}
@@ -217,6 +242,22 @@ def build_app(config: Config) -> web.Application:
             access.use_admin_secret(await asyncio.to_thread(_read_secret, config.server.admin_token_file))
         pipeline.audit.start()
         services.webhooks.start()
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Future[None]] = set()  # kept until done (a task nobody holds may vanish)
+        hup = getattr(signal, "SIGHUP", None)
+        if reload_config is not None and hup is not None:
+
+            def on_hup() -> None:
+                async def run() -> None:
+                    try:
+                        await reload()
+                    except Exception as exc:  # noqa: BLE001 - a bad reload keeps the running config
+                        log.error("reload on SIGHUP refused: %s", getattr(exc, "message", exc))
+
+                reloads.add(task := asyncio.ensure_future(run()))
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(hup, on_hup)
         for client in clients.values():
             await client.start()
         toucher = asyncio.create_task(
@@ -241,6 +282,8 @@ def build_app(config: Config) -> web.Application:
         try:
             yield
         finally:
+            if reload_config is not None and hup is not None:
+                loop.remove_signal_handler(hup)
             toucher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await toucher

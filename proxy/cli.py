@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -63,7 +63,12 @@ def load(args: argparse.Namespace) -> Config:
     return load_config(flags.over(Overrides.from_env(os.environ)), os.environ)
 
 
-def serve(config: Config, log_level: str, log_format: str = "text") -> int:
+def serve(
+    config: Config,
+    log_level: str,
+    log_format: str = "text",
+    reload_config: Callable[[], Config] | None = None,
+) -> int:
     from proxy.app import build_app
     from proxy.observability import AccessLogger, setup_logging
 
@@ -84,7 +89,7 @@ def serve(config: Config, log_level: str, log_format: str = "text") -> int:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
     web.run_app(
-        build_app(config),
+        build_app(config, reload_config=reload_config),
         host=config.server.host,
         port=config.server.port,
         ssl_context=ssl_context,
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"artifact-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve(config, args.log_level, args.log_format)
+        return serve(config, args.log_level, args.log_format, reload_config=lambda: load(args))
     if getattr(args, "security", None) is not None:
         return administer_security(config, args)
     if getattr(args, "run", None) is not None:

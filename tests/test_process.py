@@ -149,3 +149,32 @@ async def test_sigterm_during_a_large_download_never_ends_in_a_truncated_success
         index_rows, data_dir, "SELECT digest FROM assets WHERE filename=?", (name,)
     )
     assert rows in ([], [(expected,)])  # committed whole, or not at all
+
+
+async def test_sighup_reloads_repositories_from_the_config_file(
+    proxy_process: tuple[str, Path, Starter], tmp_path: Path
+) -> None:
+    url, _, start = proxy_process
+    proc = await start()
+    config = tmp_path / "proxy.toml"
+    text = await asyncio.to_thread(config.read_text)
+    await asyncio.to_thread(
+        config.write_text, text + '\n[[domains.repositories]]\nname = "added"\nupstreams = ["public"]\n'
+    )
+    proc.send_signal(signal.SIGHUP)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(50):
+            async with http.get(f"{url}/-/api/v1/domains/default/repositories/added") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        assert resp.status == 200
+        # A change to the connections is refused, and the running config stays.
+        await asyncio.to_thread(
+            config.write_text, text.replace('format = "pypi"', 'format = "pypi"\nretries = 5')
+        )
+        async with http.post(f"{url}/-/api/v1/reload") as resp:
+            assert resp.status == 409 and "restart" in (await resp.json())["message"]
+        async with http.get(f"{url}/-/api/v1/domains/default/repositories/added") as resp:
+            assert resp.status == 200
+    assert proc.returncode is None
