@@ -49,6 +49,14 @@ def read_pins(path: Path) -> list[Pin]:
         return _requirements(text)
     if name == "uv.lock":
         return _uv_lock(text)
+    if name == "poetry.lock":
+        return _poetry_lock(text)
+    if name == "pylock.toml" or (name.startswith("pylock.") and name.endswith(".toml")):
+        return _pylock(text)
+    if name == "pnpm-lock.yaml":
+        return _pnpm_lock(text)
+    if name == "yarn.lock":
+        return _yarn_lock(text)
     if name == "package-lock.json":
         return _package_lock(text)
     if name == "packages.lock.json":
@@ -87,6 +95,61 @@ def _uv_lock(text: str) -> list[Pin]:
         }
         pins.append(Pin("pypi", pep503(package["name"]), str(package["version"]), frozenset(hashes)))
     return pins
+
+
+def _poetry_lock(text: str) -> list[Pin]:
+    pins = []
+    for package in tomllib.loads(text).get("package", []):
+        source = package.get("source") or {}
+        if source.get("type") in {"directory", "file", "git", "url"}:
+            continue
+        hashes = {
+            str(f.get("hash", "")).removeprefix("sha256:")
+            for f in package.get("files", [])
+            if str(f.get("hash", "")).startswith("sha256:")
+        }
+        pins.append(Pin("pypi", pep503(package["name"]), str(package["version"]), frozenset(hashes)))
+    return pins
+
+
+def _pylock(text: str) -> list[Pin]:
+    """PEP 751 lock files."""
+    pins = []
+    for package in tomllib.loads(text).get("packages", []):
+        if "version" not in package:
+            continue  # a directory or VCS source
+        files = [*package.get("wheels", []), package.get("sdist") or {}]
+        hashes = {str((f.get("hashes") or {}).get("sha256", "")) for f in files} - {""}
+        pins.append(Pin("pypi", pep503(package["name"]), str(package["version"]), frozenset(hashes)))
+    return pins
+
+
+def _pnpm_lock(text: str) -> list[Pin]:
+    """pnpm-lock.yaml (v6 to v9): the keys of ``packages:`` name every pinned package."""
+    pins = set()
+    in_packages = False
+    for line in text.splitlines():
+        if not line.startswith(" ") and line.strip():
+            in_packages = line.rstrip() == "packages:"
+            continue
+        m = re.match(r"^  '?/?((?:@[^@/\s]+/)?[^@/\s']+)@([^(':\s]+)", line) if in_packages else None
+        if m is not None:
+            pins.add(Pin("npm", m.group(1), m.group(2)))
+    return sorted(pins, key=lambda p: (p.name, p.version))
+
+
+def _yarn_lock(text: str) -> list[Pin]:
+    """yarn.lock (classic): each entry's first spec names the package, ``version`` pins it."""
+    pins = set()
+    name = None
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "#")):
+            spec = line.split(",")[0].strip().strip('"').rstrip(":")
+            name = spec[: spec.rindex("@")] if spec.rfind("@") > 0 else None
+        elif name and line.strip().startswith("version "):
+            pins.add(Pin("npm", name, line.strip().split(" ", 1)[1].strip('"')))
+            name = None
+    return sorted(pins, key=lambda p: (p.name, p.version))
 
 
 def _package_lock(text: str) -> list[Pin]:

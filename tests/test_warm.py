@@ -96,3 +96,60 @@ async def test_warm_from_package_lock_then_npm_ci_with_the_upstream_down(
         run = await npm("ci", cwd=app, registry=registry, cache=tmp_path / "c2")
         assert run.ok, run.output
         await upstream.resume_listening()
+
+
+def test_lockfile_readers() -> None:
+    import tempfile
+
+    from proxy.warm import read_pins
+
+    a64, b64 = "a" * 64, "b" * 64
+    samples = {
+        "poetry.lock": (
+            '[[package]]\nname = "Foo_Bar"\nversion = "1.2"\n'
+            f'files = [{{file = "x.whl", hash = "sha256:{a64}"}}]\n'
+        ),
+        "pylock.toml": (
+            '[[packages]]\nname = "baz"\nversion = "3.0"\n[[packages.wheels]]\n'
+            f'name = "baz-3.0-py3-none-any.whl"\nhashes = {{sha256 = "{b64}"}}\n'
+        ),
+        "pnpm-lock.yaml": (
+            "lockfileVersion: '9.0'\n\npackages:\n\n  left@1.0.0:\n    resolution: {integrity: sha512-x}\n\n"
+            "  '@acme/util@2.1.0':\n    resolution: {integrity: sha512-y}\n\nsnapshots: {}\n"
+        ),
+        "yarn.lock": (
+            '# yarn lockfile v1\n\n"@acme/util@^2.0.0":\n  version "2.1.0"\n  resolved "https://r/x.tgz"\n\n'
+            'left@^1.0.0, left@^1.0.1:\n  version "1.0.0"\n'
+        ),
+        "deps.maven": "junit:junit:4.13.2\norg.example:lib:1.0:jar:sources\n",
+        "packages.lock.json": json.dumps(
+            {
+                "version": 1,
+                "dependencies": {"net6.0": {"Acme.Alpha": {"type": "Direct", "resolved": "1.0.0"}}},
+            }
+        ),
+    }
+    with tempfile.TemporaryDirectory() as root:
+        found = {}
+        for name, text in samples.items():
+            path = Path(root) / name
+            path.write_text(text, encoding="utf-8")
+            found[name] = read_pins(path)
+    assert [(p.name, p.version, sorted(p.hashes)) for p in found["poetry.lock"]] == [
+        ("foo-bar", "1.2", ["a" * 64])
+    ]
+    assert [(p.name, p.version, sorted(p.hashes)) for p in found["pylock.toml"]] == [
+        ("baz", "3.0", ["b" * 64])
+    ]
+    assert [(p.name, p.version) for p in found["pnpm-lock.yaml"]] == [
+        ("@acme/util", "2.1.0"),
+        ("left", "1.0.0"),
+    ]
+    assert [(p.name, p.version) for p in found["yarn.lock"]] == [("@acme/util", "2.1.0"), ("left", "1.0.0")]
+    assert [(p.name, p.filename) for p in found["deps.maven"]] == [
+        ("junit:junit", "junit-4.13.2.jar"),
+        ("org.example:lib", "lib-1.0-sources.jar"),
+    ]
+    assert [(p.fmt, p.name, p.version) for p in found["packages.lock.json"]] == [
+        ("nuget", "acme.alpha", "1.0.0")
+    ]
