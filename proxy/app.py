@@ -55,6 +55,7 @@ from proxy.server.pages import PageStore
 from proxy.server.routing import path_safety_middleware
 from proxy.server.security_api import SecurityRoutes
 from proxy.server.system import SystemRoutes
+from proxy.storage import lifecycle
 from proxy.storage.catalog import Catalog
 from proxy.storage.crypto import Sealer, StaticKeys
 from proxy.storage.hot import HotCache
@@ -261,7 +262,7 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
         for client in clients.values():
             await client.start()
         toucher = asyncio.create_task(
-            _housekeeping(index, registry, resolver, services.page_files, pipeline.tokens),
+            _housekeeping(index, registry, resolver, services.page_files, pipeline.tokens, config, blobs),
             name="housekeeping",
         )
         if not config.server.auth:
@@ -334,11 +335,17 @@ def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, page_files: PageF
 
 
 async def _housekeeping(
-    index: Index, registry: RepositoryRegistry, resolver: Resolver, page_files: PageFiles, tokens: TokenStore
+    index: Index,
+    registry: RepositoryRegistry,
+    resolver: Resolver,
+    page_files: PageFiles,
+    tokens: TokenStore,
+    config: Config,
+    blobs: LocalBlobStore,
 ) -> None:
     """Every few seconds: notice changes the CLI made to the index; now and then, access times."""
     version = await index.data_version()
-    last_touch = time.monotonic()
+    last_touch = last_gc = time.monotonic()
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
         try:
@@ -354,5 +361,20 @@ async def _housekeeping(
                 await resolver.flush_touches()
                 await asyncio.to_thread(page_files.sweep)
                 await tokens.flush_last_used()
+            budget = config.server.gc_max_size
+            if budget and time.monotonic() - last_gc >= config.server.gc_interval:
+                last_gc = time.monotonic()
+                await resolver.flush_touches()  # eviction goes by last access: make it current
+                report = await lifecycle.gc(index, blobs, budget)
+                if report.evicted or report.blobs_deleted:
+                    resolver.index_changed_elsewhere()
+                    log.info(
+                        "gc: %d cached asset(s) evicted, %d blob(s) deleted; %d -> %d bytes (budget %d)",
+                        len(report.evicted),
+                        report.blobs_deleted,
+                        report.before,
+                        report.after,
+                        budget,
+                    )
         except Exception:
             log.exception("housekeeping failed; retrying")

@@ -130,6 +130,8 @@ class ServerConfig:
     # Encryption at rest (storage/crypto.py): base64 AES-256 keys, the first one current.
     encryption_key_env: str | None = None  # e.g. "ARTIFACT_PROXY_ENCRYPTION_KEYS"
     encryption_key_file: Path | None = None
+    gc_max_size: int = 0  # a blob store budget enforced in the background (0: off; see `gc`)
+    gc_interval: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,8 +468,9 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         "token_default_duration",
         "token_min_duration",
         "token_max_duration",
+        "gc_interval",
     }
-    sizes = {"max_metadata_size", "max_asset_size", "max_upload_size", "memory_cache_size"}
+    sizes = {"max_metadata_size", "max_asset_size", "max_upload_size", "memory_cache_size", "gc_max_size"}
     plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries", "auth"}
     plain |= {"admin_token_file", "audit_fetches", "audit_file", "tls_cert", "tls_key"}
     plain |= {"encryption_key_env", "encryption_key_file"}

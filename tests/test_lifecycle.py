@@ -113,3 +113,19 @@ async def test_verify_finds_corrupt_and_missing_blobs_and_repair_lets_pip_fetch_
         "rows_removed": 0,
         "hosted_lost": [],
     }
+
+
+async def test_a_background_gc_policy_keeps_the_store_under_its_budget(
+    proxy_factory: ProxyFactory, pypi: FakePyPI, dists: Dists, http: aiohttp.ClientSession
+) -> None:
+    proxy = await proxy_factory(pypi.url, gc_max_size="100KiB", gc_interval="1s")
+    await fetch(http, file_url(proxy, "alpha", dists.alpha))
+    big = await fetch(http, file_url(proxy, "bigpkg", dists.big))
+    assert len(big) > 100 * 1024
+    for _ in range(60):  # the housekeeping task runs every two seconds
+        stats = await cli(proxy, "stats")
+        if stats["blob_bytes"] <= 100 * 1024:
+            break
+        await asyncio.sleep(0.25)
+    assert stats["blob_bytes"] <= 100 * 1024
+    assert await fetch(http, file_url(proxy, "bigpkg", dists.big)) == big  # fetched again
