@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from proxy.config import ConfigError, parse_duration, parse_size
 from proxy.errors import BadRequest, ProxyError
 from proxy.model import RepoRef
@@ -153,8 +155,16 @@ def _key(env_name: str | None) -> bytes | None:
 
 
 def _progress(what: str) -> Callable[[int, int], None]:
+    """A progress bar on stderr (tqdm; nothing when stderr is not a terminal)."""
+    bar: tqdm[Any] | None = None
+
     def show(done: int, total: int) -> None:
-        print(f"\r{what}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="blob", desc=what, file=sys.stderr, disable=None)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
     return show
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+from tqdm import tqdm
 
 from proxy.formats.pypi_simple import normalize
 
@@ -207,25 +208,22 @@ async def warm(
     result = WarmResult()
     gate = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    done = 0
+    bar = tqdm(total=len(todo), unit="pkg", desc="warm", file=sys.stderr, disable=None)
     async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=3600)) as http:
 
         async def one(pin: Pin) -> None:
-            nonlocal done
             async with gate:
                 try:
                     result.fetched += await _fetch(http, base, repo, pin)
                 except Exception as exc:  # noqa: BLE001 - reported in the summary, never fatal
                     result.failed.append(f"{pin.fmt} {pin.name} {pin.version}: {exc}")
-                done += 1
-                print(
-                    f"\r[{done}/{len(todo)}] {pin.fmt} {pin.name} {pin.version}".ljust(78),
-                    end="",
-                    file=sys.stderr,
-                )
+                bar.set_postfix_str(f"{pin.name} {pin.version}", refresh=False)
+                bar.update(1)
 
-        await asyncio.gather(*(one(p) for p in todo))
-    print(file=sys.stderr)
+        try:
+            await asyncio.gather(*(one(p) for p in todo))
+        finally:
+            bar.close()
     return result
 
 
