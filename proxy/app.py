@@ -45,6 +45,7 @@ from proxy.pipeline.resolve import Resolver
 from proxy.pipeline.services import Pipeline
 from proxy.security.access import ADMIN_TOKEN_ENV, DEFAULT_PERMISSION, AccessControl
 from proxy.security.audit import AuditLog
+from proxy.security.policy import Policies
 from proxy.security.tokens import TokenStore
 from proxy.server.admin import API as ADMIN_API
 from proxy.server.admin import AdminRoutes
@@ -141,6 +142,7 @@ def build_services(
         pages=PageStore(hot, page_files, sendfile_pool),
         audit=audit,
         tokens=tokens,
+        policies=Policies(index),
     )
     return Services(pipeline, index, blobs, staging, flights, documents, clients, page_files, webhooks)
 
@@ -161,7 +163,12 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
     registry, resolver = pipeline.registry, pipeline.resolver
 
     access = AccessControl(
-        config.server, pipeline.tokens, registry, pipeline.audit, os.environ.get(ADMIN_TOKEN_ENV) or None
+        config.server,
+        pipeline.tokens,
+        registry,
+        pipeline.audit,
+        os.environ.get(ADMIN_TOKEN_ENV) or None,
+        pipeline.policies,
     )
     metrics = Metrics(clients, flights, data_dir, services.webhooks)
     app = web.Application(
@@ -178,7 +185,7 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
 
     SystemRoutes(index, data_dir, pipeline.audit, clients).register(app.router)
     app.router.add_get("/-/metrics", metrics.handle)
-    SecurityRoutes(pipeline.tokens, pipeline.audit, access).register(app.router)
+    SecurityRoutes(pipeline.tokens, pipeline.audit, access, pipeline.policies).register(app.router)
 
     async def reload() -> dict[str, int]:
         """Apply the config file's domains and repositories again, without a restart. Connections
@@ -239,6 +246,7 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
             log.info("removed %d leftover temp files from an earlier run", removed)
         await index.open()
         await registry.seed(config)
+        await pipeline.policies.load()
         if config.server.admin_token_file is not None:
             access.use_admin_secret(await asyncio.to_thread(_read_secret, config.server.admin_token_file))
         pipeline.audit.start()
@@ -262,7 +270,7 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
         for client in clients.values():
             await client.start()
         toucher = asyncio.create_task(
-            _housekeeping(index, registry, resolver, services.page_files, pipeline.tokens, config, blobs),
+            _housekeeping(index, registry, resolver, services.page_files, pipeline, config, blobs),
             name="housekeeping",
         )
         if not config.server.auth:
@@ -339,7 +347,7 @@ async def _housekeeping(
     registry: RepositoryRegistry,
     resolver: Resolver,
     page_files: PageFiles,
-    tokens: TokenStore,
+    pipeline: Pipeline,
     config: Config,
     blobs: LocalBlobStore,
 ) -> None:
@@ -354,13 +362,14 @@ async def _housekeeping(
                 version = current
                 await registry.reload()
                 resolver.index_changed_elsewhere()
-                tokens.forget_verified()  # a token revoked by the CLI stops working here too
+                pipeline.tokens.forget_verified()  # a token revoked by the CLI stops working here too
+                await pipeline.policies.load()
                 log.info("the index was changed by another process; reloaded repositories")
             if time.monotonic() - last_touch >= TOUCH_INTERVAL:
                 last_touch = time.monotonic()
                 await resolver.flush_touches()
                 await asyncio.to_thread(page_files.sweep)
-                await tokens.flush_last_used()
+                await pipeline.tokens.flush_last_used()
             budget = config.server.gc_max_size
             if budget and time.monotonic() - last_gc >= config.server.gc_interval:
                 last_gc = time.monotonic()

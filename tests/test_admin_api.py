@@ -486,5 +486,5 @@ async def test_the_openapi_description_lists_exactly_the_endpoints(proxy: Runnin
         for route in resource
         if route.method not in ("*", "HEAD")
     }
-    assert len(served) == 25
+    assert len(served) == 27
     assert await asyncio.to_thread(_documented_operations) == served

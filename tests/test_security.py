@@ -625,3 +625,41 @@ async def test_https_listener_and_verified_upstream_tls(
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+async def test_a_domain_policy_narrows_what_tokens_give(
+    secured: RunningProxy, http: aiohttp.ClientSession, dists: Dists
+) -> None:
+    _, ci = await issue(http, secured, repo="team", permissions=("read", "publish"), principal="ci")
+    data = await asyncio.to_thread(dists.beta.read_bytes)
+
+    async def upload() -> tuple[int, str]:
+        form = aiohttp.FormData()
+        for key, value in ((":action", "file_upload"), ("name", "beta"), ("version", "1.0")):
+            form.add_field(key, value)
+        form.add_field("content", data, filename=dists.beta.name)
+        async with http.post(secured.url + "/default/pypi/team/", data=form, headers=basic(ci)) as resp:
+            return resp.status, (await resp.text())
+
+    policy = "/-/api/v1/domains/default/policy"
+    status, body = await api(
+        http,
+        secured,
+        "PUT",
+        policy,
+        {"grants": [{"principal": "ci", "repository": "team", "permissions": ["read"]}]},
+    )
+    assert status == 200 and body["grants"] == [
+        {"principal": "ci", "repository": "team", "permissions": ["read"]}
+    ]
+    status, text = await upload()
+    assert status == 403 and "access policy of domain default does not give ci the publish" in text
+    async with http.get(secured.url + "/default/pypi/team/simple/alpha/", headers=basic(ci)) as resp:
+        assert resp.status == 200  # read is still granted
+    _, other = await issue(http, secured, repo="team", principal="someone-else")
+    async with http.get(secured.url + "/default/pypi/team/simple/alpha/", headers=basic(other)) as resp:
+        assert resp.status == 403  # no grant for this principal in a governed domain
+    assert (await api(http, secured, "PUT", policy, {"grants": []}))[0] == 200
+    assert (await upload())[0] in {200, 201}
+    status, body = await api(http, secured, "GET", policy)
+    assert status == 200 and body["grants"] == []

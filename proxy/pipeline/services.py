@@ -10,6 +10,7 @@ from proxy.pipeline.publish import Publisher
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.pipeline.resolve import Resolver
 from proxy.security.audit import AuditLog
+from proxy.security.policy import Policies
 from proxy.security.tokens import TokenStore
 from proxy.server.assets import AssetSender
 from proxy.server.pages import PageStore
@@ -32,3 +33,4 @@ class Pipeline:
     pages: PageStore
     audit: AuditLog
     tokens: TokenStore
+    policies: Policies

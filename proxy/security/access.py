@@ -30,6 +30,7 @@ from proxy.errors import Forbidden, Handler, NotFound
 from proxy.model import RepoRef
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.security.audit import ACTOR, Actor, AuditLog
+from proxy.security.policy import Policies
 from proxy.security.tokens import PERMISSIONS, Token, TokenStore, unauthenticated
 
 Scope = Literal["repository", "domain", "proxy", "authenticated"]
@@ -68,7 +69,9 @@ class AccessControl:
         registry: RepositoryRegistry,
         audit: AuditLog,
         admin_secret: str | None,
+        policies: Policies | None = None,
     ) -> None:
+        self.policies = policies
         self.enabled = server.auth
         self._trust_forwarded = server.trust_forwarded
         self.tokens = tokens
@@ -128,7 +131,21 @@ class AccessControl:
             self.registry.repository(RepoRef(domain, repo))  # 404 for what does not exist
         target_repo = repo if need.scope == "repository" else None
         target_domain = None if need.scope == "proxy" else domain
-        if not token.allows(target_domain, target_repo, need.permission):
+        allowed = token.allows(target_domain, target_repo, need.permission)
+        refused_by_policy = (
+            allowed
+            and token is not self.bootstrap
+            and self.policies is not None
+            and not self.policies.permits(token.principal, target_domain, target_repo, need.permission)
+        )
+        if refused_by_policy:
+            self._audit.record("denied", result="denied", detail={"permission": need.permission}, **where)
+            raise Forbidden(
+                f"the access policy of domain {domain} does not give {token.principal} the "
+                f"{need.permission} permission on {_where(need, domain, repo)}",
+                detail={"permission": need.permission, "token_id": token.id},
+            )
+        if not allowed:
             self._audit.record("denied", result="denied", detail={"permission": need.permission}, **where)
             raise Forbidden(
                 f"token {token.id} ({token.principal}) does not have the {need.permission} permission "

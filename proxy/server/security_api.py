@@ -23,6 +23,7 @@ from proxy.errors import BadRequest, Forbidden, NotFound
 from proxy.model import RepoRef
 from proxy.security.access import TOKEN_KEY, AccessControl
 from proxy.security.audit import AuditLog
+from proxy.security.policy import Grant, Policies, describe
 from proxy.security.tokens import Token, TokenStore, parse_permissions
 
 API = "/-/api/v1"
@@ -31,10 +32,13 @@ API = "/-/api/v1"
 class SecurityRoutes:
     """See the module docstring."""
 
-    def __init__(self, tokens: TokenStore, audit: AuditLog, access: AccessControl) -> None:
+    def __init__(
+        self, tokens: TokenStore, audit: AuditLog, access: AccessControl, policies: Policies
+    ) -> None:
         self.tokens = tokens
         self.audit = audit
         self.access = access
+        self.policies = policies
 
     def register(self, router: web.UrlDispatcher) -> None:
         need = self.access.require
@@ -43,6 +47,9 @@ class SecurityRoutes:
         need(router.add_delete(f"{API}/tokens/{{id}}", self.revoke), "admin", "authenticated")
         need(router.add_post("/v1/authorization-token", self.codeartifact_token), "read", "authenticated")
         need(router.add_get(f"{API}/audit", self.query_audit), "admin", "authenticated")
+        policy = f"{API}/domains/{{domain}}/policy"
+        need(router.add_get(policy, self.get_policy), "admin", "domain")
+        need(router.add_put(policy, self.put_policy), "admin", "domain")
 
     def _domain(self, name: str) -> None:
         if self.access.registry.domain(name) is None:
@@ -137,6 +144,38 @@ class SecurityRoutes:
             "token_issue", domain=domain, detail={"token_id": issued.token.id, "exchange": True}
         )
         return web.json_response({"authorizationToken": issued.secret, "expiration": issued.token.expires_at})
+
+    async def get_policy(self, request: web.Request) -> web.StreamResponse:
+        domain = request.match_info["domain"]
+        self._domain(domain)
+        return web.json_response({"domain": domain, "grants": describe(self.policies.grants(domain))})
+
+    async def put_policy(self, request: web.Request) -> web.StreamResponse:
+        """Replace a domain's grants (an empty list: tokens alone decide again)."""
+        domain = request.match_info["domain"]
+        self._domain(domain)
+        body = await _json(request)
+        raw = body.get("grants")
+        if not isinstance(raw, list):
+            raise BadRequest("field 'grants' must be a list", detail={"field": "grants"})
+        grants = []
+        for item in raw:
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("principal"), str)
+                or not item["principal"]
+            ):
+                raise BadRequest("each grant needs a 'principal'", detail={"field": "grants"})
+            repository = _str(item, "repository") or ""
+            if repository:
+                self.access.registry.repository(RepoRef(domain, repository))
+            perms = item.get("permissions")
+            if not isinstance(perms, list) or not all(isinstance(p, str) for p in perms):
+                raise BadRequest("each grant needs 'permissions', a list", detail={"field": "grants"})
+            grants.append(Grant(item["principal"], parse_permissions(perms), repository))
+        await self.policies.replace(domain, grants)
+        self.audit.record("policy", domain=domain, detail={"grants": describe(grants)})
+        return web.json_response({"domain": domain, "grants": describe(grants)})
 
     async def query_audit(self, request: web.Request) -> web.StreamResponse:
         domain = request.query.get("domain") or None
