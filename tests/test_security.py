@@ -663,3 +663,151 @@ async def test_a_domain_policy_narrows_what_tokens_give(
     assert (await upload())[0] in {200, 201}
     status, body = await api(http, secured, "GET", policy)
     assert status == 200 and body["grants"] == []
+
+
+async def bad_tokens(http: aiohttp.ClientSession, proxy: RunningProxy) -> dict[str, str]:
+    """An expired, a revoked and another repository's token, each with every permission."""
+    everything = ("read", "publish", "delete")
+    _, expired = await issue(http, proxy, repo="team", permissions=everything, duration="1s")
+    revoked_id, revoked = await issue(http, proxy, repo="team", permissions=everything)
+    assert (await api(http, proxy, "DELETE", f"/-/api/v1/tokens/{revoked_id}"))[0] == 204
+    _, elsewhere = await issue(http, proxy, repo="public", permissions=everything)
+    await asyncio.sleep(1.2)
+    return {"expired": expired, "revoked": revoked, "other repository": elsewhere}
+
+
+async def test_every_publishing_client_is_refused_with_bad_tokens_and_nothing_is_published(
+    secured: RunningProxy, http: aiohttp.ClientSession, dists: Dists, tmp_path: Path
+) -> None:
+    """twine and npm publish with an expired, a revoked and another repository's token."""
+    from tests.fakes.dists import build_wheel
+
+    wheel = await asyncio.to_thread(build_wheel, tmp_path / "w", "refused-lib", "1.0")
+    tokens = await bad_tokens(http, secured)
+    for kind, token in tokens.items():
+        run = await twine_upload(secured.url + "/default/pypi/team/", wheel, password=token)
+        expected = "403" if kind == "other repository" else "401"
+        assert not run.ok and expected in run.output, f"{kind}: {run.output}"
+        run = await pip_install(
+            with_token(secured.url + "/default/pypi/team/simple/", token), tmp_path / kind, "alpha"
+        )
+        assert not run.ok, f"{kind}: {run.output}"
+    rows = await asyncio.to_thread(
+        index_rows, secured.data_dir, "SELECT 1 FROM assets WHERE package='refused-lib'"
+    )
+    assert rows == []
+
+
+async def test_npm_publish_is_refused_with_bad_tokens(
+    npm_upstream: FakeNpmRegistry, admin_file: Path, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    raw = proxy_config(
+        tmp_path / "data",
+        npm_upstream.url,
+        fmt="npm",
+        connection="npmfake",
+        auth=True,
+        admin_token_file=str(admin_file),
+        token_min_duration="1s",
+    )
+    config, runner, url = await serve_config(raw)
+    proxy = RunningProxy(url=url, config=config, runner=runner)
+    try:
+        pkg = tmp_path / "pkg"
+        await asyncio.to_thread(pkg.mkdir)
+        manifest = {"name": "@acme/refused", "version": "1.0.0", "license": "MIT"}
+        await asyncio.to_thread((pkg / "package.json").write_text, json.dumps(manifest))
+        for kind, token in (await bad_tokens(http, proxy)).items():
+            cache = tmp_path / f"c-{kind}"
+            await asyncio.to_thread(cache.mkdir)
+            line = f"{url.removeprefix('http:')}/default/npm/team/:_authToken={token}\n"
+            await asyncio.to_thread((cache / "npmrc").write_text, line)
+            run = await npm("publish", cwd=pkg, registry=f"{url}/default/npm/team/", cache=cache)
+            expected = "403" if kind == "other repository" else "401"
+            assert not run.ok and expected in run.output, f"{kind}: {run.output}"
+        rows = await asyncio.to_thread(
+            index_rows, proxy.data_dir, "SELECT 1 FROM assets WHERE package='@acme/refused'"
+        )
+        assert rows == []
+    finally:
+        await runner.cleanup()
+
+
+@requires_mvn
+@requires_local_repository
+@pytest.mark.timeout(300)
+async def test_mvn_deploy_and_nuget_push_are_refused_with_bad_tokens(
+    admin_file: Path, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with FakeMavenRepo() as central:
+        raw = proxy_config(
+            tmp_path / "data",
+            central.url,
+            fmt="maven",
+            connection="mvnup",
+            auth=True,
+            admin_token_file=str(admin_file),
+            token_min_duration="1s",
+        )
+        config, runner, url = await serve_config(raw)
+        proxy = RunningProxy(url=url, config=config, runner=runner)
+        try:
+            team = f"{url}/default/maven/team/"
+            for kind, token in (await bad_tokens(http, proxy)).items():
+                work = tmp_path / kind.replace(" ", "-")
+                settings = await asyncio.to_thread(
+                    functools.partial(
+                        write_settings, work / "settings.xml", team, username="aws", password=token
+                    )
+                )
+                await asyncio.to_thread(
+                    write_project,
+                    work / "p",
+                    "com.acme",
+                    "refused",
+                    "1.0",
+                    [],
+                    deploy_url=team,
+                    with_test=False,
+                )
+                run = await mvn(["deploy"], cwd=work / "p", settings=settings, local_repo=work / "m2")
+                expected = "403" if kind == "other repository" else "401"
+                assert not run.ok and expected in run.output, f"{kind}: {run.explain()}"
+            rows = await asyncio.to_thread(
+                index_rows, proxy.data_dir, "SELECT 1 FROM assets WHERE package='com.acme:refused'"
+            )
+            assert rows == []
+        finally:
+            await runner.cleanup()
+
+    if NUGET_MISSING is not None:
+        return
+    private = await asyncio.to_thread(build_nupkg, tmp_path / "n", "Team.Refused", "1.0.0")
+    async with FakeNuGetFeed() as feed:
+        raw = proxy_config(
+            tmp_path / "ndata",
+            feed.url,
+            fmt="nuget",
+            connection="nugetup",
+            auth=True,
+            admin_token_file=str(admin_file),
+            token_min_duration="1s",
+        )
+        config, runner, url = await serve_config(raw)
+        proxy = RunningProxy(url=url, config=config, runner=runner)
+        try:
+            source = f"{url}/default/nuget/team/v3/index.json"
+            for kind, token in (await bad_tokens(http, proxy)).items():
+                work = tmp_path / f"nuget-{kind.replace(' ', '-')}"
+                cfg = await write_nuget_config(
+                    work / "NuGet.Config", source, api_key=token, credentials=("aws", token)
+                )
+                run = await nuget(["push", str(private), "-Source", source], cwd=work, config_file=cfg)
+                expected = "403" if kind == "other repository" else "401"
+                assert not run.ok and expected in run.output, f"{kind}: {run.output}"
+            rows = await asyncio.to_thread(
+                index_rows, proxy.data_dir, "SELECT 1 FROM assets WHERE package='team.refused'"
+            )
+            assert rows == []
+        finally:
+            await runner.cleanup()
