@@ -802,9 +802,9 @@ async def test_mvn_deploy_and_nuget_push_are_refused_with_bad_tokens(
                 cfg = await write_nuget_config(
                     work / "NuGet.Config", source, api_key=token, credentials=("aws", token)
                 )
-                run = await nuget(["push", str(private), "-Source", source], cwd=work, config_file=cfg)
+                pushed = await nuget(["push", str(private), "-Source", source], cwd=work, config_file=cfg)
                 expected = "403" if kind == "other repository" else "401"
-                assert not run.ok and expected in run.output, f"{kind}: {run.output}"
+                assert not pushed.ok and expected in pushed.output, f"{kind}: {pushed.output}"
             rows = await asyncio.to_thread(
                 index_rows, proxy.data_dir, "SELECT 1 FROM assets WHERE package='team.refused'"
             )
