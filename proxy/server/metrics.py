@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.errors import Handler
@@ -41,24 +41,11 @@ class Metrics:
         webhooks: WebhookDispatcher | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "artifact_proxy_requests",
-            "Requests answered, by format, repository and HTTP status",
-            ["format", "repository", "status"],
-            registry=self.registry,
-        )
-        self.cache = Counter(
-            "artifact_proxy_cache_results",
-            "Responses by cache result (X-Cache: HIT, MISS, STALE, REVALIDATED, LOCAL)",
-            ["format", "result"],
-            registry=self.registry,
-        )
-        self.bytes = Counter(
-            "artifact_proxy_bytes_sent",
-            "Response bytes, by where they came from (cache, upstream)",
-            ["source"],
-            registry=self.registry,
-        )
+        # Counted on every request, so plain integers (a prometheus Counter's inc takes a lock
+        # and checks its labels); the collector exports them at scrape time.
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.cache: dict[tuple[str, str], int] = {}
+        self.bytes: dict[str, int] = {"cache": 0, "upstream": 0}
         self.upstream = Counter(
             "artifact_proxy_upstream_requests",
             "Requests to external connections, by outcome (a status class or an error)",
@@ -72,7 +59,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.registry.register(_Live(clients, flights, data_dir, webhooks))
+        self.registry.register(_Live(clients, flights, data_dir, webhooks, self))
         for client in clients.values():
             client.observer = self.observe_upstream
 
@@ -85,18 +72,18 @@ class Metrics:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Count each response once it is complete (after the error middleware made it one)."""
         response = await handler(request)
-        parts = request.path.split("/", 4)
-        fmt = parts[2] if len(parts) > 3 and parts[2] in FORMATS else ""
-        repo = parts[3] if fmt else ""
-        self.requests.labels(fmt or "-", repo or "-", str(response.status)).inc()
+        info = request.match_info
+        fmt = info.get("format") or (request.raw_path.split("/", 3)[2] if info.get("repo") else "")
+        fmt = fmt if fmt in FORMATS else "-"
+        repo = info.get("repo", "-") if fmt != "-" else "-"
+        key = (fmt, repo, response.status)
+        self.requests[key] = self.requests.get(key, 0) + 1
         result = response.headers.get("X-Cache")
         if result:
-            self.cache.labels(fmt or "-", result).inc()
+            self.cache[(fmt, result)] = self.cache.get((fmt, result), 0) + 1
             size = response.content_length or response.body_length or response.get(BYTES_HINT) or 0
             if size and response.status in {200, 206}:
-                self.bytes.labels("cache" if result in {"HIT", "STALE", "REVALIDATED"} else "upstream").inc(
-                    size
-                )
+                self.bytes["cache" if result in {"HIT", "STALE", "REVALIDATED"} else "upstream"] += size
         return response
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -113,7 +100,9 @@ class _Live(Collector):
         flights: FlightGroup,
         data_dir: Path,
         webhooks: WebhookDispatcher | None,
+        counts: Metrics,
     ) -> None:
+        self._counts = counts
         self._webhooks = webhooks
         self._clients = clients
         self._flights = flights
@@ -124,6 +113,31 @@ class _Live(Collector):
         return iter(())  # nothing to check at registration (collect walks the disk)
 
     def collect(self) -> Iterator[Metric]:
+        counts = self._counts
+        requests = CounterMetricFamily(
+            "artifact_proxy_requests",
+            "Requests answered, by format, repository and HTTP status",
+            labels=["format", "repository", "status"],
+        )
+        for (fmt, repo, code), n in list(counts.requests.items()):
+            requests.add_metric([fmt, repo, str(code)], n)
+        yield requests
+        cache = CounterMetricFamily(
+            "artifact_proxy_cache_results",
+            "Responses by cache result (X-Cache: HIT, MISS, STALE, REVALIDATED, LOCAL)",
+            labels=["format", "result"],
+        )
+        for (fmt, result), n in list(counts.cache.items()):
+            cache.add_metric([fmt, result], n)
+        yield cache
+        sent = CounterMetricFamily(
+            "artifact_proxy_bytes_sent",
+            "Response bytes, by where they came from (cache, upstream)",
+            labels=["source"],
+        )
+        for source, n in list(counts.bytes.items()):
+            sent.add_metric([source], n)
+        yield sent
         breaker = GaugeMetricFamily(
             "artifact_proxy_circuit_open",
             "1 while a connection's circuit breaker is open",
