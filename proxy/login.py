@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
-from xml.etree.ElementTree import Element, SubElement, register_namespace, tostring
+from xml.etree.ElementTree import Element, SubElement, indent, register_namespace, tostring
 
-from defusedxml.ElementTree import fromstring
+from proxy import xmlsafe as xml
 
 NAME = "artifact-proxy"
 USER = "aws"  # any user name works; this one matches what CodeArtifact's tooling writes
@@ -177,10 +177,7 @@ MAVEN_NS = "http://maven.apache.org/SETTINGS/1.2.0"
 
 
 def maven_settings(current: str, t: Target) -> tuple[str, list[str]]:
-    if current.strip():
-        root = fromstring(current.encode(), forbid_dtd=True)
-    else:
-        root = Element(f"{{{MAVEN_NS}}}settings")
+    root = xml.parse(current.encode()) if current.strip() else Element(f"{{{MAVEN_NS}}}settings")
     ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     if ns:
         register_namespace("", ns[1:-1])
@@ -229,7 +226,7 @@ def maven_settings(current: str, t: Target) -> tuple[str, list[str]]:
     active = child(root, "activeProfiles")
     if NAME not in [a.text for a in active.findall(f"{ns}activeProfile")]:
         SubElement(active, f"{ns}activeProfile").text = NAME
-    _indent(root)
+    indent(root)
     body = tostring(root, encoding="unicode")
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n", changes
 
@@ -256,7 +253,7 @@ def gradle_init(current: str, t: Target) -> tuple[str, list[str]]:
 
 
 def nuget_config(current: str, t: Target) -> tuple[str, list[str]]:
-    root = fromstring(current.encode(), forbid_dtd=True) if current.strip() else Element("configuration")
+    root = xml.parse(current.encode()) if current.strip() else Element("configuration")
     changes = []
 
     def child(parent: Element, name: str) -> Element:
@@ -282,7 +279,7 @@ def nuget_config(current: str, t: Target) -> tuple[str, list[str]]:
     SubElement(entry, "add", key="Username", value=USER)
     SubElement(entry, "add", key="ClearTextPassword", value=t.token)
     changes.append(f"credentials for {NAME} (push with -ApiKey and the same token)")
-    _indent(root)
+    indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + tostring(root, encoding="unicode") + "\n", changes
 
 
@@ -319,19 +316,6 @@ def _drop_toml_block(text: str, header: str, marker: str) -> str:
     if in_block and marker not in "\n".join(block):
         out += block
     return "\n".join(out) + ("\n" if out else "")
-
-
-def _indent(elem: Element, level: int = 0) -> None:
-    pad = "\n" + "  " * (level + 1)
-    children = list(elem)
-    if children:
-        if not (elem.text or "").strip():
-            elem.text = pad
-        for child in children:
-            _indent(child, level + 1)
-            if not (child.tail or "").strip():
-                child.tail = pad
-        children[-1].tail = "\n" + "  " * level
 
 
 def masked(text: str, token: str) -> str:

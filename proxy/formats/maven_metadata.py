@@ -18,10 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from xml.etree.ElementTree import Element, ParseError, SubElement, tostring
+from xml.etree.ElementTree import Element, SubElement, indent, tostring
 
-from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring
+from proxy import xmlsafe as xml
 
 SNAPSHOT = "-SNAPSHOT"
 MAX_METADATA = 4 * 2**20
@@ -70,40 +69,42 @@ def parse(body: bytes) -> Metadata:
     if len(body) > MAX_METADATA:
         raise MetadataError(f"maven-metadata.xml larger than {MAX_METADATA} bytes")
     try:
-        root = fromstring(body, forbid_dtd=True)
-    except (ParseError, DefusedXmlException, ValueError) as exc:
+        root = xml.parse(body)
+    except xml.XmlError as exc:
         raise MetadataError(f"malformed maven-metadata.xml: {exc}") from exc
-    if _local(root.tag) != "metadata":
-        raise MetadataError(f"not maven-metadata.xml: the root element is <{_local(root.tag)}>")
+    if xml.local(root.tag) != "metadata":
+        raise MetadataError(f"not maven-metadata.xml: the root element is <{xml.local(root.tag)}>")
     meta = Metadata(
-        group_id=_text(root, "groupId"),
-        artifact_id=_text(root, "artifactId"),
-        version=_text(root, "version"),
+        group_id=xml.text(root, "groupId"),
+        artifact_id=xml.text(root, "artifactId"),
+        version=xml.text(root, "version"),
     )
-    versioning = _child(root, "versioning")
+    versioning = xml.child(root, "versioning")
     if versioning is not None:
-        meta.last_updated = _text(versioning, "lastUpdated")
-        versions = _child(versioning, "versions")
+        meta.last_updated = xml.text(versioning, "lastUpdated")
+        versions = xml.child(versioning, "versions")
         if versions is not None:
-            meta.versions = [v.text.strip() for v in versions if _local(v.tag) == "version" and v.text]
-        snapshot = _child(versioning, "snapshot")
+            meta.versions = [v.text.strip() for v in versions if xml.local(v.tag) == "version" and v.text]
+        snapshot = xml.child(versioning, "snapshot")
         if snapshot is not None:
-            meta.snapshot_timestamp = _text(snapshot, "timestamp")
-            build = _text(snapshot, "buildNumber")
+            meta.snapshot_timestamp = xml.text(snapshot, "timestamp")
+            build = xml.text(snapshot, "buildNumber")
             meta.snapshot_build = int(build) if build.isdigit() else 0
-        files = _child(versioning, "snapshotVersions")
+        files = xml.child(versioning, "snapshotVersions")
         for item in files if files is not None else ():
             meta.snapshot_files.append(
                 SnapshotFile(
-                    classifier=_text(item, "classifier"),
-                    extension=_text(item, "extension"),
-                    value=_text(item, "value"),
-                    updated=_text(item, "updated"),
+                    classifier=xml.text(item, "classifier"),
+                    extension=xml.text(item, "extension"),
+                    value=xml.text(item, "value"),
+                    updated=xml.text(item, "updated"),
                 )
             )
-    plugins = _child(root, "plugins")
+    plugins = xml.child(root, "plugins")
     for item in plugins if plugins is not None else ():
-        meta.plugins.append(Plugin(_text(item, "name"), _text(item, "prefix"), _text(item, "artifactId")))
+        meta.plugins.append(
+            Plugin(xml.text(item, "name"), xml.text(item, "prefix"), xml.text(item, "artifactId"))
+        )
     for version in meta.versions:
         if not valid_version(version):
             raise MetadataError(f"maven-metadata.xml lists an invalid version {version!r}")
@@ -272,32 +273,6 @@ def as_plugins(raw: Sequence[Mapping[str, str]]) -> list[Plugin]:
 
 
 def _serialize(root: Element) -> bytes:
-    _indent(root)
+    indent(root)
     body: bytes = tostring(root, encoding="utf-8", xml_declaration=False)
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + body + b"\n"
-
-
-def _indent(elem: Element, level: int = 0) -> None:
-    pad = "\n" + "  " * (level + 1)
-    if len(elem):
-        elem.text = pad
-        for child in elem:
-            _indent(child, level + 1)
-            child.tail = pad
-        elem[-1].tail = "\n" + "  " * level
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
-def _child(node: Element, name: str) -> Element | None:
-    for child in node:
-        if _local(child.tag) == name:
-            return child
-    return None
-
-
-def _text(node: Element, name: str) -> str:
-    child = _child(node, name)
-    return (child.text or "").strip() if child is not None else ""

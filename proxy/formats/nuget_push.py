@@ -14,12 +14,11 @@ import functools
 import zipfile
 from collections.abc import Callable
 from typing import Any, BinaryIO
-from xml.etree.ElementTree import Element, ParseError
+from xml.etree.ElementTree import Element
 
 from aiohttp import BodyPartReader, web
-from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring
 
+from proxy import xmlsafe as xml
 from proxy.errors import BadRequest, PayloadTooLarge
 from proxy.formats import nuget_docs as docs
 from proxy.formats import nuget_versions as nv
@@ -96,17 +95,17 @@ def inspect_package(opener: Callable[[], BinaryIO], filename: str) -> tuple[str,
     except zipfile.BadZipFile as exc:
         raise BadRequest(f"not a .nupkg (not a zip archive): {exc}") from exc
     try:
-        root = fromstring(nuspec, forbid_dtd=True)
-    except (ParseError, DefusedXmlException, ValueError) as exc:
+        root = xml.parse(nuspec)
+    except xml.XmlError as exc:
         raise BadRequest(f"the .nuspec is not well-formed XML: {exc}") from exc
-    metadata = _child(root, "metadata")
+    metadata = xml.child(root, "metadata")
     if metadata is None:
         raise BadRequest("the .nuspec has no <metadata>")
-    package_id, raw_version = _text(metadata, "id"), _text(metadata, "version")
+    package_id, raw_version = xml.text(metadata, "id"), xml.text(metadata, "version")
     if not nv.valid_id(package_id):
         raise BadRequest(f"the .nuspec's id {package_id!r} is not a valid package id")
     version = nv.normalize_or_400(raw_version)
-    types = _child(metadata, "packageTypes")
+    types = xml.child(metadata, "packageTypes")
     if types is not None and any((t.get("name") or "").lower() == "symbolspackage" for t in types):
         raise BadRequest(_SYMBOLS)
     catalog: dict[str, Any] = {"id": package_id, "version": version}
@@ -121,17 +120,17 @@ def inspect_package(opener: Callable[[], BinaryIO], filename: str) -> tuple[str,
         "copyright",
         "language",
     ):
-        value = _text(metadata, field)
+        value = xml.text(metadata, field)
         if value:
             catalog[field] = value
-    tags = _text(metadata, "tags")
+    tags = xml.text(metadata, "tags")
     if tags:
         catalog["tags"] = tags.split()
-    license_node = _child(metadata, "license")
+    license_node = xml.child(metadata, "license")
     if license_node is not None and license_node.get("type") == "expression" and license_node.text:
         catalog["licenseExpression"] = license_node.text.strip()
-    catalog["requireLicenseAcceptance"] = _text(metadata, "requireLicenseAcceptance").lower() == "true"
-    catalog["dependencyGroups"] = _dependency_groups(_child(metadata, "dependencies"))
+    catalog["requireLicenseAcceptance"] = xml.text(metadata, "requireLicenseAcceptance").lower() == "true"
+    catalog["dependencyGroups"] = _dependency_groups(xml.child(metadata, "dependencies"))
     return package_id, version, catalog, nuspec
 
 
@@ -145,14 +144,14 @@ def _dependency_groups(node: Element | None) -> list[dict[str, Any]]:
     if node is None:
         return []
     groups: list[dict[str, Any]] = []
-    loose = [_dependency(d) for d in node if _local(d.tag) == "dependency"]
+    loose = [_dependency(d) for d in node if xml.local(d.tag) == "dependency"]
     if loose:
         groups.append({"dependencies": loose})
     for group in node:
-        if _local(group.tag) != "group":
+        if xml.local(group.tag) != "group":
             continue
         out: dict[str, Any] = {
-            "dependencies": [_dependency(d) for d in group if _local(d.tag) == "dependency"]
+            "dependencies": [_dependency(d) for d in group if xml.local(d.tag) == "dependency"]
         }
         if group.get("targetFramework"):
             out["targetFramework"] = group.get("targetFramework")
@@ -180,19 +179,3 @@ def _range(spec: str) -> str:
     low_n = nv.normalize_or_400(low.strip()) if low.strip() else ""
     high_n = nv.normalize_or_400(high.strip()) if high.strip() else ""
     return f"{spec[0]}{low_n}, {high_n}{spec[-1]}"
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
-def _child(node: Element, name: str) -> Element | None:
-    for child in node:
-        if _local(child.tag) == name:
-            return child
-    return None
-
-
-def _text(node: Element, name: str) -> str:
-    child = _child(node, name)
-    return (child.text or "").strip() if child is not None else ""
