@@ -23,7 +23,7 @@ import hashlib
 import html
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -125,17 +125,10 @@ class MavenAdapter(FormatAdapter):
         self, record: AssetRecord, attributes: Mapping[str, Any], *, hidden: bool, upload_time: str
     ) -> ListedFile:
         entry = super().hosted_file(record, attributes, hidden=hidden, upload_time=upload_time)
-        last = meta.timestamp(record.fetched_at)
-        return ListedFile(
-            entry.filename,
-            entry.url,
-            entry.source,
-            dict(entry.hashes),
-            entry.version,
-            entry.size,
-            hidden or meta.is_checksum(record.filename),
-            {"last_updated": last},
-        )
+        return replace(entry, extra={"last_updated": meta.timestamp(record.fetched_at)})
+
+    def is_companion(self, filename: str) -> bool:
+        return meta.is_checksum(filename)
 
     def derive(self, entry: ListedFile, blob: Callable[[], BinaryIO]) -> list[tuple[str, bytes, str]]:
         """The four checksum files of an artifact, from its verified bytes (blocking)."""
@@ -238,17 +231,7 @@ class MavenAdapter(FormatAdapter):
         assert path.checksum is not None
         resolver = self.pipeline.resolver
         name = f"{path.asset_name}.{path.checksum}"
-        record = await resolver.stored_asset(ref, self.name, package, name)
-        status = CacheStatus.HIT
-        if record is None:
-            handle = await resolver.asset(ref, self, package, path.asset_name)
-            if handle.flight is not None:
-                status = CacheStatus.MISS
-                try:
-                    await handle.flight.result()
-                finally:
-                    handle.flight.release()
-            record = await resolver.stored_asset(ref, self.name, package, name)
+        record, status = await resolver.companion(ref, self, package, path.asset_name, name)
         if record is not None:
             return self.pipeline.sender.blob(request, record.digest, TEXT, status)
         artifact = await resolver.stored_asset(ref, self.name, package, path.asset_name)

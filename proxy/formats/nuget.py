@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
@@ -105,20 +106,13 @@ class NuGetAdapter(FormatAdapter):
     def hosted_file(
         self, record: AssetRecord, attributes: Mapping[str, Any], *, hidden: bool, upload_time: str
     ) -> ListedFile:
-        return ListedFile(
-            filename=record.filename,
-            url="",
-            source="",
-            hashes={"sha256": record.digest.hex},
-            version=record.version,
-            size=record.size,
-            hidden=hidden or self.is_companion(record.filename),
-            extra={
-                "catalog": dict(attributes.get("catalog") or {}),
-                "listed": not hidden,
-                "published": upload_time,
-            },
-        )
+        entry = super().hosted_file(record, attributes, hidden=hidden, upload_time=upload_time)
+        extra = {
+            "catalog": dict(attributes.get("catalog") or {}),
+            "listed": not hidden,
+            "published": upload_time,
+        }
+        return replace(entry, extra=extra)
 
     def derive(self, entry: ListedFile, blob: Callable[[], BinaryIO]) -> list[tuple[str, bytes, str]]:
         """The .nuspec inside a cached .nupkg, served from the flat container (blocking)."""
@@ -198,19 +192,8 @@ class NuGetAdapter(FormatAdapter):
         self, request: web.Request, ref: RepoRef, package: str, version: str
     ) -> web.StreamResponse:
         """The manifest, extracted when the package was cached; the package is fetched first if need be."""
-        resolver = self.pipeline.resolver
         name, nupkg = f"{package}.{version}.nuspec", f"{package}.{version}.nupkg"
-        record = await resolver.stored_asset(ref, self.name, package, name)
-        status = CacheStatus.HIT
-        if record is None:
-            handle = await resolver.asset(ref, self, package, nupkg)
-            if handle.flight is not None:
-                status = CacheStatus.MISS
-                try:
-                    await handle.flight.result()
-                finally:
-                    handle.flight.release()
-            record = await resolver.stored_asset(ref, self.name, package, name)
+        record, status = await self.pipeline.resolver.companion(ref, self, package, nupkg, name)
         if record is None:
             raise NotFound(f"{nupkg} has no readable .nuspec", detail={"package": package})
         return self.pipeline.sender.blob(request, record.digest, "text/xml", status)

@@ -627,6 +627,24 @@ class Resolver:
             raise errors[0]
         return None
 
+    async def companion(
+        self, ref: RepoRef, adapter: FormatAdapter, package: str, main: str, companion: str
+    ) -> tuple[AssetRecord | None, CacheStatus]:
+        """A file derived from another (a checksum, a .nuspec): stored, or stored once the main
+        file has been fetched (derived files are committed with it). None if it still is not."""
+        record = await self._stored(ref, adapter.name, package, companion)
+        if record is not None:
+            return record, CacheStatus.HIT
+        handle = await self.asset(ref, adapter, package, main)
+        status = CacheStatus.HIT
+        if handle.flight is not None:
+            status = CacheStatus.MISS
+            try:
+                await handle.flight.result()
+            finally:
+                handle.flight.release()
+        return await self._stored(ref, adapter.name, package, companion), status
+
     async def stored_asset(self, ref: RepoRef, fmt: str, package: str, filename: str) -> AssetRecord | None:
         """A file stored in the repository or along its repository chain (no upstream asked)."""
         return await self._stored(ref, fmt, package, filename)
