@@ -120,7 +120,6 @@ class Resolver:
         self.config = config
         self.registry = registry
         self._index = index
-        self.index = index  # for the CLI's maintenance commands (gc, verify, stats)
         self._catalog = catalog
         self._hot = hot
         self._blobs = blobs
@@ -131,6 +130,11 @@ class Resolver:
         self._audit = audit
         self._touched: set[tuple[RepoRef, str, str, str]] = set()
         self._policies: dict[tuple[RepoRef, str, str], PackagePolicy] = {}
+
+    @property
+    def index(self) -> Index:
+        """The index, for the CLI's maintenance commands (gc, verify, stats, export)."""
+        return self._index
 
     # --- repositories -------------------------------------------------------------------------
 
@@ -443,7 +447,7 @@ class Resolver:
             self._audit.fetch("HIT", version=record.version, digest=record.digest.hex, **where)
             return AssetHandle(CacheStatus.HIT, record=record)
         self._audit.fetch(
-            "MISS", version=self.version_hint(adapter, filename), detail={"filename": filename}, **where
+            "MISS", version=adapter.version_of(filename) or "", detail={"filename": filename}, **where
         )
         if adapter.files_at_paths:
             if self.config.server.offline:
@@ -648,10 +652,6 @@ class Resolver:
     async def stored_asset(self, ref: RepoRef, fmt: str, package: str, filename: str) -> AssetRecord | None:
         """A file stored in the repository or along its repository chain (no upstream asked)."""
         return await self._stored(ref, fmt, package, filename)
-
-    @staticmethod
-    def version_hint(adapter: FormatAdapter, filename: str) -> str:
-        return adapter.version_of(filename) or ""
 
     def _check_visible(self, ref: RepoRef, package: str, record: AssetRecord, policy: PackagePolicy) -> None:
         """A stored file is served only while the repository's rules still show its version."""
