@@ -39,7 +39,6 @@ from proxy.pipeline.documents import DocumentRequest
 from proxy.pipeline.publish import Upload
 from proxy.server.pages import PageSource
 from proxy.server.routing import repo_ref
-from proxy.storage.staging import BlobTooLarge, StagingError
 
 XML = "text/xml"
 TEXT = "text/plain; charset=utf-8"
@@ -308,18 +307,8 @@ class MavenAdapter(FormatAdapter):
                 f"{path.filename}: SNAPSHOT files are deployed with timestamped names "
                 f"({path.artifact}-{path.version.removesuffix(meta.SNAPSHOT)}-yyyyMMdd.HHmmss-N...)"
             )
-        writer = publisher.staging.create(max_size=publisher.max_upload_size, compute=CHECKSUM_ALGORITHMS)
-        try:
-            async with writer:
-                async for chunk in request.content.iter_chunked(CHUNK):
-                    await writer.write(chunk)
-                staged = await writer.finish()
-        except BlobTooLarge as exc:
-            raise PayloadTooLarge(
-                f"{path.filename} is larger than {publisher.max_upload_size} bytes"
-            ) from exc
-        except StagingError as exc:
-            raise BadRequest(f"{path.filename}: {exc}") from exc
+        chunks = request.content.iter_chunked(CHUNK)
+        staged = await publisher.stage(chunks, path.filename, compute=CHECKSUM_ALGORITHMS)
         companions = [
             (f"{path.asset_name}.{a}", staged.hashes[a].encode(), TEXT) for a in CHECKSUM_ALGORITHMS
         ]

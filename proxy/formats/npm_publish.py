@@ -18,7 +18,7 @@ import gzip
 import io
 import json
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, BinaryIO
 
 import orjson
@@ -28,7 +28,7 @@ from proxy.errors import BadRequest, NotFound, PayloadTooLarge
 from proxy.formats.npm_docs import sri_to_hashes
 from proxy.model import RepoRef
 from proxy.pipeline.publish import Publisher, Upload
-from proxy.storage.staging import BlobCorrupt, BlobTooLarge, StagedBlob, StagingError
+from proxy.storage.staging import StagedBlob
 
 DECODE_SLICE = 4 * 1024 * 1024  # base64 characters per slice (a multiple of 4)
 MAX_MANIFEST = 8 * 2**20
@@ -112,24 +112,22 @@ async def read_publish(doc: dict[str, Any], package: str, publisher: Publisher) 
 async def _stage(
     data: str, hashes: Mapping[str, str], length: int | None, publisher: Publisher
 ) -> StagedBlob:
-    limit = publisher.max_upload_size
+    async def decoded() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), DECODE_SLICE):
+            try:
+                yield base64.b64decode(data[start : start + DECODE_SLICE], validate=True)
+            except ValueError as exc:
+                raise BadRequest("the attachment data is not valid base64") from exc
+
     # sha512 and sha1 are what readers later get as dist.integrity and dist.shasum.
-    writer = publisher.staging.create(hashes, expect_size=length, max_size=limit, compute=("sha512", "sha1"))
-    try:
-        async with writer:
-            for start in range(0, len(data), DECODE_SLICE):
-                try:
-                    chunk = base64.b64decode(data[start : start + DECODE_SLICE], validate=True)
-                except ValueError as exc:
-                    raise BadRequest("the attachment data is not valid base64") from exc
-                await writer.write(chunk)
-            return await writer.finish()
-    except BlobTooLarge as exc:
-        raise PayloadTooLarge(f"the tarball is larger than the limit of {limit} bytes") from exc
-    except BlobCorrupt as exc:
-        raise BadRequest(f"the tarball does not match its declared integrity: {exc}") from exc
-    except StagingError as exc:
-        raise BadRequest(f"the tarball does not match its declared length: {exc}") from exc
+    return await publisher.stage(
+        decoded(),
+        "the tarball",
+        expect=hashes,
+        expect_size=length,
+        compute=("sha512", "sha1"),
+        declared="integrity",
+    )
 
 
 def _check_tarball(opener: Callable[[], BinaryIO], package: str, version: str) -> None:

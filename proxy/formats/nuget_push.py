@@ -19,11 +19,11 @@ from xml.etree.ElementTree import Element
 from aiohttp import BodyPartReader, web
 
 from proxy import xmlsafe as xml
-from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.errors import BadRequest
 from proxy.formats import nuget_docs as docs
 from proxy.formats import nuget_versions as nv
-from proxy.pipeline.publish import Publisher, Upload
-from proxy.storage.staging import BlobTooLarge, StagedBlob, StagingError
+from proxy.pipeline.publish import Publisher, Upload, part_chunks
+from proxy.storage.staging import StagedBlob
 
 CHUNK = 256 * 1024
 MAX_NUSPEC = 4 * 2**20
@@ -67,16 +67,7 @@ async def read_push(request: web.Request, publisher: Publisher) -> Upload:
 
 
 async def _stage(part: BodyPartReader, publisher: Publisher) -> StagedBlob:
-    writer = publisher.staging.create(max_size=publisher.max_upload_size, compute=("sha512",))
-    try:
-        async with writer:
-            while chunk := await part.read_chunk(CHUNK):
-                await writer.write(chunk)
-            return await writer.finish()
-    except BlobTooLarge as exc:
-        raise PayloadTooLarge(f"the package is larger than {publisher.max_upload_size} bytes") from exc
-    except StagingError as exc:
-        raise BadRequest(f"the package upload is broken: {exc}") from exc
+    return await publisher.stage(part_chunks(part, CHUNK), "the package", compute=("sha512",))
 
 
 def inspect_package(opener: Callable[[], BinaryIO], filename: str) -> tuple[str, str, dict[str, Any], bytes]:

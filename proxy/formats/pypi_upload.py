@@ -22,8 +22,8 @@ from aiohttp import BodyPartReader, web
 from proxy.errors import BadRequest, PayloadTooLarge
 from proxy.formats.pypi_simple import normalize
 from proxy.model import RepoRef
-from proxy.pipeline.publish import Publisher, Upload
-from proxy.storage.staging import BlobCorrupt, BlobTooLarge, StagedBlob, StagingError
+from proxy.pipeline.publish import Publisher, Upload, part_chunks
+from proxy.storage.staging import StagedBlob
 
 MAX_FIELD = 4 * 2**20  # a long description is the biggest text field
 MAX_METADATA = 16 * 2**20
@@ -150,21 +150,7 @@ async def _stage(part: BodyPartReader, fields: dict[str, list[str]], publisher: 
         expect["sha256"] = sha256.lower()
     if md5 := _one(fields, "md5_digest"):
         expect["md5"] = md5.lower()
-    limit = publisher.max_upload_size
-    writer = publisher.staging.create(expect, max_size=limit)
-    try:
-        async with writer:
-            while chunk := await part.read_chunk(CHUNK):
-                await writer.write(chunk)
-            return await writer.finish()
-    except BlobTooLarge as exc:
-        raise PayloadTooLarge(
-            f"the upload is larger than the limit of {limit} bytes (server.max_upload_size)"
-        ) from exc
-    except BlobCorrupt as exc:
-        raise BadRequest(f"the uploaded file does not match its declared digest: {exc}") from exc
-    except StagingError as exc:
-        raise BadRequest(f"the uploaded file is incomplete: {exc}") from exc
+    return await publisher.stage(part_chunks(part, CHUNK), "the uploaded file", expect=expect)
 
 
 def _inspect_archive(

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from proxy.errors import Conflict, PublishBlocked
+from aiohttp import BodyPartReader
+
+from proxy.errors import BadRequest, Conflict, PayloadTooLarge, PublishBlocked
 from proxy.model import AssetRecord, RepoRef
 from proxy.pipeline.fetch import Fetcher
 from proxy.pipeline.resolve import Resolver
 from proxy.security.audit import AuditLog
 from proxy.storage.catalog import Catalog, VersionRow
 from proxy.storage.local import LocalBlobStore
-from proxy.storage.staging import StagedBlob, StagingArea
+from proxy.storage.staging import BlobCorrupt, BlobTooLarge, StagedBlob, StagingArea, StagingError
 
 if TYPE_CHECKING:
     from proxy.formats.base import FormatAdapter
@@ -40,6 +43,12 @@ class Upload:
     content_type: str
     attributes: dict[str, Any] = field(default_factory=dict)
     companions: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+
+async def part_chunks(part: BodyPartReader, size: int) -> AsyncIterator[bytes]:
+    """A multipart file part's bytes, ``size`` at a time."""
+    while chunk := await part.read_chunk(size):
+        yield chunk
 
 
 class Publisher:
@@ -62,6 +71,35 @@ class Publisher:
         self._fetcher = fetcher
         self.max_upload_size = max_upload_size
         self._audit = audit
+
+    async def stage(
+        self,
+        chunks: AsyncIterator[bytes],
+        what: str,
+        *,
+        expect: Mapping[str, str] | None = None,
+        expect_size: int | None = None,
+        compute: tuple[str, ...] = (),
+        declared: str = "digest",
+    ) -> StagedBlob:
+        """An upload's bytes into staging, checked as they stream: 413 past the upload limit,
+        400 when a declared digest or length is not met (``what`` names the file in the message,
+        ``declared`` what the client called its digest: npm's "integrity")."""
+        limit = self.max_upload_size
+        writer = self.staging.create(expect, expect_size=expect_size, max_size=limit, compute=compute)
+        try:
+            async with writer:
+                async for chunk in chunks:
+                    await writer.write(chunk)
+                return await writer.finish()
+        except BlobTooLarge as exc:
+            raise PayloadTooLarge(
+                f"{what} is larger than the limit of {limit} bytes (server.max_upload_size)"
+            ) from exc
+        except BlobCorrupt as exc:
+            raise BadRequest(f"{what} does not match its declared {declared}: {exc}") from exc
+        except StagingError as exc:
+            raise BadRequest(f"{what} is incomplete: {exc}") from exc
 
     async def check_allowed(self, ref: RepoRef, fmt: str, package: str) -> None:
         """Refuse early (before the body is read) when the repository may not take the package."""
