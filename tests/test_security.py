@@ -270,17 +270,9 @@ async def npm_upstream(left_tarball: Path) -> Any:
 async def test_npm_install_and_publish_with_tokens(
     npm_upstream: FakeNpmRegistry, admin_file: Path, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    raw = proxy_config(
-        tmp_path / "data",
-        npm_upstream.url,
-        fmt="npm",
-        connection="npmfake",
-        auth=True,
-        admin_token_file=str(admin_file),
-    )
-    _, runner, url = await serve_config(raw)
+    proxy = await _secured_proxy(tmp_path, npm_upstream.url, "npm", admin_file)
+    url, runner = proxy.url, proxy.runner
     try:
-        proxy = RunningProxy(url=url, config=None, runner=runner)  # type: ignore[arg-type]
         registry = f"{url}/default/npm/team/"
         _, writer = await issue(http, proxy, repo="team", permissions=("read", "publish"))
         _, reader = await issue(http, proxy, repo="team")
@@ -387,14 +379,18 @@ async def test_audit_trail_is_complete_and_tamper_evident(
 Check = Callable[[], Awaitable[None]]
 
 
-async def _secured_proxy(tmp_path: Path, upstream_url: str, fmt: str, admin_file: Path) -> RunningProxy:
+async def _secured_proxy(
+    tmp_path: Path, upstream_url: str, fmt: str, admin_file: Path, *, data: str = "data", **server: Any
+) -> RunningProxy:
+    """A proxy with access control on in front of one ``fmt`` upstream; stop it with ``stop()``."""
     raw = proxy_config(
-        tmp_path / "data",
+        tmp_path / data,
         upstream_url,
         fmt=fmt,
         connection=f"{fmt}up",
         auth=True,
         admin_token_file=str(admin_file),
+        **server,
     )
     config, runner, url = await serve_config(raw)
     return RunningProxy(url=url, config=config, runner=runner)
@@ -701,17 +697,8 @@ async def test_every_publishing_client_is_refused_with_bad_tokens_and_nothing_is
 async def test_npm_publish_is_refused_with_bad_tokens(
     npm_upstream: FakeNpmRegistry, admin_file: Path, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    raw = proxy_config(
-        tmp_path / "data",
-        npm_upstream.url,
-        fmt="npm",
-        connection="npmfake",
-        auth=True,
-        admin_token_file=str(admin_file),
-        token_min_duration="1s",
-    )
-    config, runner, url = await serve_config(raw)
-    proxy = RunningProxy(url=url, config=config, runner=runner)
+    proxy = await _secured_proxy(tmp_path, npm_upstream.url, "npm", admin_file, token_min_duration="1s")
+    url, runner = proxy.url, proxy.runner
     try:
         pkg = tmp_path / "pkg"
         await asyncio.to_thread(pkg.mkdir)
@@ -740,17 +727,8 @@ async def test_mvn_deploy_and_nuget_push_are_refused_with_bad_tokens(
     admin_file: Path, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     async with FakeMavenRepo() as central:
-        raw = proxy_config(
-            tmp_path / "data",
-            central.url,
-            fmt="maven",
-            connection="mvnup",
-            auth=True,
-            admin_token_file=str(admin_file),
-            token_min_duration="1s",
-        )
-        config, runner, url = await serve_config(raw)
-        proxy = RunningProxy(url=url, config=config, runner=runner)
+        proxy = await _secured_proxy(tmp_path, central.url, "maven", admin_file, token_min_duration="1s")
+        url, runner = proxy.url, proxy.runner
         try:
             team = f"{url}/default/maven/team/"
             for kind, token in (await bad_tokens(http, proxy)).items():
@@ -784,17 +762,10 @@ async def test_mvn_deploy_and_nuget_push_are_refused_with_bad_tokens(
         return
     private = await asyncio.to_thread(build_nupkg, tmp_path / "n", "Team.Refused", "1.0.0")
     async with FakeNuGetFeed() as feed:
-        raw = proxy_config(
-            tmp_path / "ndata",
-            feed.url,
-            fmt="nuget",
-            connection="nugetup",
-            auth=True,
-            admin_token_file=str(admin_file),
-            token_min_duration="1s",
+        proxy = await _secured_proxy(
+            tmp_path, feed.url, "nuget", admin_file, data="ndata", token_min_duration="1s"
         )
-        config, runner, url = await serve_config(raw)
-        proxy = RunningProxy(url=url, config=config, runner=runner)
+        url, runner = proxy.url, proxy.runner
         try:
             source = f"{url}/default/nuget/team/v3/index.json"
             for kind, token in (await bad_tokens(http, proxy)).items():
