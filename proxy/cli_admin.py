@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 import aiohttp
 
 from proxy.app import Services, build_services
+from proxy.cli_deps import add_dependency_parsers, dependent_line
 from proxy.cli_ops import add_ops_parsers
 from proxy.cli_security import add_security_parsers, run_security, wants_local
 from proxy.config import Config, ConfigError
@@ -210,6 +211,7 @@ def add_admin_parsers(sub: Subparsers) -> None:
     status.add_argument("--status", required=True, choices=VERSION_STATUSES)
     leaf(package, "delete", "delete a version and its files", _package_delete, *where, "version")
     leaf(package, "copy", "copy a version into another repository", _package_copy, *where, "version", "to")
+    add_dependency_parsers(package, leaf)
 
     origin = group("origin", "package origin controls: where packages may come from")
     get = leaf(origin, "get", "list a repository's origin rules", _origin_get, "domain", "repo")
@@ -397,7 +399,11 @@ async def _quarantine_list(ops: AdminOps, args: argparse.Namespace) -> Outcome:
 
 async def _quarantine_add(ops: AdminOps, args: argparse.Namespace) -> Outcome:
     data = await ops.put_quarantine(args.domain, args.repo, args.format, args.pattern, args.reason)
-    return Outcome(data, [f"quarantined {_quarantine_line(data)}"])
+    dependents = data.get("dependents", {}).get("dependents", [])
+    lines = [f"quarantined {_quarantine_line(data)}"]
+    if dependents:
+        lines += ["held versions that depend on it:"] + [f"  {dependent_line(e)}" for e in dependents]
+    return Outcome(data, lines)
 
 
 async def _quarantine_remove(ops: AdminOps, args: argparse.Namespace) -> Outcome:

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.cli_env import add_env_parser, renew_forever
 from proxy.config import ConfigError, parse_duration
 from proxy.errors import BadRequest, NotFound, ProxyError, Unauthorized
 from proxy.login import TOOLS, Target, default_path, masked, plan
@@ -76,7 +77,11 @@ def add_security_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     login.add_argument("--principal", default=getpass.getuser(), help="for a token issued locally")
     login.add_argument("--config-file", type=Path, help="write this file instead of the tool's default")
     login.add_argument("--dry-run", action="store_true", help="print what would be written")
-    login.set_defaults(security=_login)
+    login.add_argument(
+        "--renew-every", help="keep running: write a fresh token this often (e.g. 6h), for long jobs"
+    )
+    login.set_defaults(security=_login, exchanges=True)
+    add_env_parser(sub, common)
 
 
 async def run_security(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -88,7 +93,7 @@ async def run_security(pipeline: Pipeline | None, args: argparse.Namespace) -> t
 def wants_local(args: argparse.Namespace) -> bool:
     if getattr(args, "remote", False):  # talks to a running proxy only (warm)
         return False
-    if args.security is _login:  # with a credential in the environment, ask the proxy's API
+    if getattr(args, "exchanges", False):  # login, env: with a credential in the environment, ask the API
         return not any(os.environ.get(name) for name in CREDENTIAL_ENVS)
     return not getattr(args, "endpoint", None)
 
@@ -193,27 +198,40 @@ async def _rekey(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[A
     ]
 
 
-async def _login(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    endpoint = (args.endpoint or args.default_endpoint).rstrip("/")
+async def fresh_token(
+    pipeline: Pipeline | None, args: argparse.Namespace, endpoint: str
+) -> tuple[str, float]:
+    """A new token for ``login`` and ``env``: (secret, expiry). From the data directory on the
+    proxy's host; else exchanged for ``ARTIFACT_PROXY_TOKEN`` or issued with the admin token."""
     duration = _duration(args.duration)
     if pipeline is None:
         if os.environ.get(CREDENTIAL_ENVS[0]):  # a token of the domain: exchange it for a fresh one
             data = await remote_token(endpoint, args.domain, duration)
-            secret, expires = str(data["authorizationToken"]), float(data["expiration"])
-        else:  # the administrator's: issue one for the principal
-            body = {
-                "domain": args.domain,
-                "repository": args.repo,
-                "principal": args.principal,
-                "permissions": args.permissions.split(","),
-                "duration": duration,
-            }
-            data = await _call(endpoint, "POST", "/-/api/v1/tokens", json_body=body)
-            secret, expires = str(data["token"]), float(data["expires_at"])
-    else:
-        args.endpoint = None  # _token_create writes the data directory
-        data, _ = await _token_create(pipeline, args)
-        secret, expires = str(data["token"]), float(data["expires_at"])
+            return str(data["authorizationToken"]), float(data["expiration"])
+        body = {  # the administrator's: issue one for the principal
+            "domain": args.domain,
+            "repository": args.repo,
+            "principal": args.principal,
+            "permissions": args.permissions.split(","),
+            "duration": duration,
+        }
+        data = await _call(endpoint, "POST", "/-/api/v1/tokens", json_body=body)
+        return str(data["token"]), float(data["expires_at"])
+    local = argparse.Namespace(**{**vars(args), "endpoint": None})  # _token_create writes the data dir
+    data, _ = await _token_create(pipeline, local)
+    return str(data["token"]), float(data["expires_at"])
+
+
+async def _login(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    if getattr(args, "renew_every", None):
+        return await renew_forever(pipeline, args, _login_once)
+    return await _login_once(pipeline, args)
+
+
+async def _login_once(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    endpoint = (args.endpoint or args.default_endpoint).rstrip("/")
+    secret, expires = await fresh_token(pipeline, args, endpoint)
+    args.issued_token = secret  # --renew-every exchanges the newest token for the next one
     target = Target(endpoint, args.domain, args.repo, secret, extra=args.extra, scope=args.scope)
     path = args.config_file or default_path(args.tool)
     current = await asyncio.to_thread(_read_text, path)

@@ -17,6 +17,7 @@ from proxy.errors import BadRequest, NotFound
 from proxy.formats import FORMATS
 from proxy.formats.base import FormatAdapter
 from proxy.model import RepoRef
+from proxy.pipeline.dependencies import DependencyService
 from proxy.pipeline.services import Pipeline
 from proxy.storage.catalog import OriginRule, QuarantineEntry
 
@@ -40,6 +41,7 @@ class AdminOps:
         self._registry = pipeline.registry
         self._packages = pipeline.packages
         self._adapters: dict[str, FormatAdapter] = {cls.name: cls(pipeline) for cls in FORMATS}
+        self.dependencies = DependencyService(pipeline)
         # The registry checks a change against its snapshot, then writes: two changes at once
         # could each pass alone and together form an upstream cycle. One change at a time.
         self._changing = asyncio.Lock()
@@ -255,7 +257,9 @@ class AdminOps:
         ref = self._ref(domain, repo)
         entry = QuarantineEntry(self._quarantine_pattern(fmt, pattern), reason)
         await self._packages.put_quarantine(ref, fmt, entry)
-        return _quarantine_json(fmt, entry)
+        # The incident question in the same answer: which held versions depend on what is hidden.
+        report = await self.dependencies.quarantine_report(ref, fmt, entry.pattern)
+        return {**_quarantine_json(fmt, entry), "dependents": report}
 
     async def delete_quarantine(self, domain: str, repo: str, fmt: str, pattern: str) -> None:
         ref = self._ref(domain, repo)
