@@ -22,6 +22,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.cli_admin import add_admin_parsers, administer, administer_security, common_options
 from proxy.config import Config, ConfigError, Overrides, load_config
+from proxy.server.workers import WorkerRole, become_worker, default_count, supervise
 
 log = logging.getLogger("proxy.cli")
 
@@ -44,11 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ARTIFACT_PROXY_LOG_FORMAT", "text"),
         help="text lines, or one JSON object per line (access lines with their fields)",
     )
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,  # applied to the variable's value too: a bad one is a usage error
+        default=os.environ.get("ARTIFACT_PROXY_WORKERS") or None,
+        help="processes serving the port (default: the number of CPUs; 1: a single process)",
+    )
+    serve.add_argument("--worker", type=WorkerRole.parse, help=argparse.SUPPRESS)  # set by the supervisor
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     common_options(check)
     add_admin_parsers(sub)
     return parser
+
+
+def _worker_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes (1 or more), got {value!r}")
+    return count
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -68,6 +86,7 @@ def serve(
     log_level: str,
     log_format: str = "text",
     reload_config: Callable[[], Config] | None = None,
+    worker: WorkerRole | None = None,
 ) -> int:
     from proxy.app import build_app
     from proxy.observability import AccessLogger, setup_logging
@@ -88,17 +107,33 @@ def serve(
     if config.server.tls_cert is not None and config.server.tls_key is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
-    web.run_app(
-        build_app(config, reload_config=reload_config),
-        host=config.server.host,
-        port=config.server.port,
-        ssl_context=ssl_context,
-        access_log_class=AccessLogger,
-        shutdown_timeout=config.server.shutdown_timeout,
-        print=lambda text: log.info("%s", text.strip()),
-        loop=loop,
-    )
-    return 0
+    status = 1
+    try:
+        web.run_app(
+            build_app(config, reload_config=reload_config, worker=worker),
+            host=config.server.host,
+            port=config.server.port,
+            reuse_port=worker is not None,
+            ssl_context=ssl_context,
+            access_log_class=AccessLogger,
+            shutdown_timeout=config.server.shutdown_timeout,
+            keepalive_timeout=config.server.client_timeout,
+            print=lambda text: log.info("%s", text.strip()),
+            loop=loop,
+        )
+        status = 0
+    except Exception:
+        if worker is None:
+            raise
+        log.exception("worker %d failed", worker.index)  # printed here: os._exit skips it
+    finally:
+        if worker is not None:
+            # A SIGTERM that lands while the app is still starting ends run_app before the
+            # cleanup that closes the index, and its SQLite thread would keep the process
+            # alive forever; a worker has nothing left to do once run_app returns.
+            logging.shutdown()
+            os._exit(status)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"artifact-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve(config, args.log_level, args.log_format, reload_config=lambda: load(args))
+        if args.worker is not None:
+            become_worker()
+        elif (args.workers or default_count()) > 1:
+            from proxy.observability import setup_logging
+
+            setup_logging(args.log_level, args.log_format)
+            return supervise(
+                config, list(sys.argv[1:] if argv is None else argv), args.workers or default_count()
+            )
+        return serve(
+            config, args.log_level, args.log_format, reload_config=lambda: load(args), worker=args.worker
+        )
     if getattr(args, "security", None) is not None:
         return administer_security(config, args)
     if getattr(args, "run", None) is not None:

@@ -27,6 +27,10 @@ from proxy.pipeline.services import Pipeline
 from tests.fakes.dists import build_sdist, build_wheel
 from tests.fakes.pypi import FakePyPI
 
+# ``serve`` runs one worker per CPU by default; proxies the tests start as processes stay single
+# processes (their crash and signal semantics) unless a test asks for ``--workers`` itself.
+os.environ.setdefault("ARTIFACT_PROXY_WORKERS", "1")
+
 
 @pytest.fixture(autouse=True)
 def blockbuster() -> Iterator[BlockBuster]:

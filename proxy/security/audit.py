@@ -164,7 +164,7 @@ class AuditLog:
 
     async def _append(self, events: list[AuditEvent]) -> None:
         lines = []
-        async with self._index.transaction():
+        async with self._index.transaction(shared=False):  # no worker caches audit records
             db = self._index.db
             async with db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1") as cur:
                 row = await cur.fetchone()

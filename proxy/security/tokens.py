@@ -115,6 +115,7 @@ class TokenStore:
         self._index = index
         self.bounds = TokenBounds(default, minimum, maximum)
         self._verified: TTLCache[str, Token] = TTLCache(maxsize=10_000, ttl=VERIFIED_SECONDS)
+        self._epoch = 0  # counts forget_verified(): a lookup begun before one is not cached
         self._used: dict[str, float] = {}
 
     def duration(self, requested: float | None) -> float:
@@ -175,13 +176,16 @@ class TokenStore:
         digest = secret_hash(secret)
         token = self._verified.get(digest)
         if token is None:
+            epoch = self._epoch
             sql = f"SELECT secret_hash, {_COLUMNS} FROM tokens WHERE secret_hash=?"
             async with self._index.db.execute(sql, (digest,)) as cur:
                 row = await cur.fetchone()
             if row is None or not hmac.compare_digest(str(row[0]), digest):
                 raise unauthenticated("the token is not valid (unknown to this proxy)")
             token = _token(tuple(row[1:]))
-            self._verified[digest] = token
+            # A revocation that landed while this row was read must not be undone by caching it.
+            if epoch == self._epoch:
+                self._verified[digest] = token
         now = time.time()
         if token.revoked_at is not None:
             raise unauthenticated(f"token {token.id} was revoked", token_id=token.id)
@@ -219,13 +223,14 @@ class TokenStore:
 
     def forget_verified(self) -> None:
         """Drop verified tokens from memory (after a revocation, here or by another process)."""
+        self._epoch += 1
         self._verified.clear()
 
     async def flush_last_used(self) -> None:
         used, self._used = self._used, {}
         if not used:
             return
-        async with self._index.transaction():
+        async with self._index.transaction(shared=False):  # bookkeeping: no cache depends on it
             await self._index.db.executemany(
                 "UPDATE tokens SET last_used_at=? WHERE id=?", [(at, tid) for tid, at in used.items()]
             )

@@ -61,7 +61,9 @@ class PageStore:
         self._executor = executor
         # One rendering per page at a time: twenty installs asking at once for a packument that
         # just expired wait for one render, not twenty.
-        self._rendering: dict[tuple[PackageKey, Hashable], asyncio.Task[RenderedPage]] = {}
+        # Each with the hot cache's epoch it began in: after another worker's change a request
+        # does not join a rendering that may have read the index before that change.
+        self._rendering: dict[tuple[PackageKey, Hashable], tuple[int, asyncio.Task[RenderedPage]]] = {}
 
     async def respond(
         self,
@@ -82,16 +84,20 @@ class PageStore:
         if previous is not None and previous.expires_at > time.time():
             return previous, "HIT"
         key = (package, variant)
-        task = self._rendering.get(key)
-        if task is None:
+        running = self._rendering.get(key)
+        if running is not None and running[0] == self._hot.epoch:
+            task = running[1]
+        else:
             task = asyncio.create_task(self._produce(package, variant, previous, source))
-            self._rendering[key] = task
+            self._rendering[key] = (self._hot.epoch, task)
             task.add_done_callback(lambda t: self._rendered(key, t))
         page = await asyncio.shield(task)
         return page, page.cache_status
 
     def _rendered(self, key: tuple[PackageKey, Hashable], task: asyncio.Task[RenderedPage]) -> None:
-        self._rendering.pop(key, None)
+        running = self._rendering.get(key)
+        if running is not None and running[1] is task:
+            del self._rendering[key]
         if not task.cancelled():
             task.exception()  # retrieved here; every waiter got it already
 
@@ -102,6 +108,7 @@ class PageStore:
         previous: RenderedPage | None,
         source: Callable[[], Awaitable[PageSource]],
     ) -> RenderedPage:
+        epoch = self._hot.epoch
         src = await source()
         fingerprint = src.fingerprint()
         if previous is not None and previous.fingerprint == fingerprint:
@@ -117,7 +124,8 @@ class PageStore:
             else:
                 body = src.draw()
             page = await self.build(src.resolved, body, src.content_type, fingerprint)
-        if page.cache_status != CacheStatus.STALE.value:
+        # Not kept when another worker's change cleared the cache while this was rendered.
+        if page.cache_status != CacheStatus.STALE.value and epoch == self._hot.epoch:
             self._hot.remember_page(package, variant, page)
         elif page.files and (previous is None or previous.files != page.files):
             self._files.retire(page.files)  # sent once, never kept

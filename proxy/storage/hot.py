@@ -94,6 +94,9 @@ class HotCache:
         self._on_page_drop = on_page_drop
         # Variants by package, so one asset write invalidates every rendering of the package.
         self._variants: dict[PackageKey, set[Hashable]] = {}
+        # Counts clear(): what was looked up before one must not be remembered after it (the
+        # lookup may have read the index before another worker's commit).
+        self.epoch = 0
 
     # asset rows
     def asset(self, key: AssetKey) -> AssetRecord | None:
@@ -111,6 +114,7 @@ class HotCache:
 
     def clear(self) -> None:
         """Forget everything (another process changed the index)."""
+        self.epoch += 1
         self._assets.clear()
         self._listings.clear()
         self.clear_pages()

@@ -228,6 +228,11 @@ class FileReader:
         self.fd = fd
         self._sealed = sealed
 
+    @property
+    def plain(self) -> bool:
+        """Whether the file holds plaintext (another process may then tail it by name)."""
+        return self._sealed is None
+
     def read(self, offset: int, length: int, total: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; ``total`` is the plaintext available so far."""
         if self._sealed is None:
