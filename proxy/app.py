@@ -4,6 +4,7 @@ The request path, in order:
 
  1. ``request_id_middleware``  tags the request; the id goes into logs and error bodies
  2. ``error_middleware``       turns every exception into a JSON error; never a traceback
+    ``body_deadline_middleware`` a request body that stalls for ``client_timeout``: a 408
  3. ``path_safety_middleware`` refuses ``..``, encoded slashes and NUL with a 400
  4. router                     ``/-/…`` system routes; ``/{domain}/{format}/{repo}/…`` adapter
                                routes; anything else a JSON 404 naming what was not found
@@ -50,18 +51,23 @@ from proxy.security.tokens import TokenStore
 from proxy.server.admin import API as ADMIN_API
 from proxy.server.admin import AdminRoutes
 from proxy.server.assets import AssetSender
+from proxy.server.changes import ChangeWatcher
+from proxy.server.deps_api import DependencyRoutes
 from proxy.server.metrics import Metrics
-from proxy.server.middleware import request_id_middleware
+from proxy.server.middleware import body_deadline_middleware, request_id_middleware
 from proxy.server.pages import PageStore
-from proxy.server.routing import path_safety_middleware
+from proxy.server.routing import path_safety_middleware, route_by_format
 from proxy.server.security_api import SecurityRoutes
 from proxy.server.system import SystemRoutes
+from proxy.server.workers import WorkerRole
 from proxy.storage import lifecycle
 from proxy.storage.catalog import Catalog
 from proxy.storage.crypto import Sealer, StaticKeys
+from proxy.storage.generation import Generation
 from proxy.storage.hot import HotCache
 from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
+from proxy.storage.locks import KeyLocks
 from proxy.storage.page_files import PageFiles
 from proxy.storage.staging import StagingArea
 from proxy.upstream.client import UpstreamClient
@@ -94,15 +100,23 @@ class Services:
 
 
 def build_services(
-    config: Config, *, upstreams: bool = True, sendfile_pool: Executor | None = None
+    config: Config,
+    *,
+    upstreams: bool = True,
+    sendfile_pool: Executor | None = None,
+    worker: WorkerRole | None = None,
 ) -> Services:
-    """Construct the services for ``config`` (the CLI uses them without HTTP or upstreams)."""
+    """Construct the services for ``config`` (the CLI uses them without HTTP or upstreams).
+
+    ``worker``: this is one of several processes serving the data directory (server/workers.py):
+    its pages go to a directory of its own and cold keys take cross-process locks.
+    """
     data_dir = config.server.data_dir
-    index = Index(data_dir / "index.sqlite3")
+    index = Index(data_dir / "index.sqlite3", Generation(data_dir / "generation"))
     sealer = build_sealer(config.server, os.environ)
     blobs = LocalBlobStore(data_dir / "blobs", sealer)
     staging = StagingArea(data_dir / "tmp", sealer)
-    page_files = PageFiles(data_dir / "pages")
+    page_files = PageFiles(data_dir / "pages" / (f"worker-{worker.index}" if worker else ""))
     hot = HotCache(
         config.server.hot_cache_entries, config.server.memory_cache_size, on_page_drop=page_files.retire
     )
@@ -114,15 +128,20 @@ def build_services(
         if upstreams
         else {}
     )
-    flights = FlightGroup()
     server = config.server
+    # A worker waits for another's download at most as long as that download may take.
+    flights = (
+        FlightGroup(KeyLocks(data_dir / "locks"), server.asset_timeout + 30, staging.root)
+        if worker
+        else FlightGroup()
+    )
     audit = AuditLog(index, fetches=server.audit_fetches, file=server.audit_file)
     webhooks = WebhookDispatcher(config.webhooks)
     audit.subscribe(webhooks.observe)
     tokens = TokenStore(
         index, server.token_default_duration, server.token_min_duration, server.token_max_duration
     )
-    documents = DocumentCache(index, config.server)
+    documents = DocumentCache(index, config.server, KeyLocks(data_dir / "locks") if worker else None)
     catalog = Catalog(index)
     registry = RepositoryRegistry(catalog, config.upstreams)
     fetcher = Fetcher(config.server, blobs, staging)
@@ -147,16 +166,22 @@ def build_services(
     return Services(pipeline, index, blobs, staging, flights, documents, clients, page_files, webhooks)
 
 
-def build_app(config: Config, reload_config: Callable[[], Config] | None = None) -> web.Application:
+def build_app(
+    config: Config,
+    reload_config: Callable[[], Config] | None = None,
+    worker: WorkerRole | None = None,
+) -> web.Application:
     """Construct every service for ``config`` and wire them into an aiohttp application.
 
     ``reload_config`` reads the configuration again (SIGHUP and ``POST /-/api/v1/reload``).
+    ``worker``: one of several processes (server/workers.py); the supervisor already migrated
+    the index, seeded repositories and cleared temp files, and gc runs in worker 0 only.
     """
     data_dir = config.server.data_dir
     # Cache hits stream by os.sendfile from these threads; they mostly wait in poll(), so many
     # are cheap, and their number bounds concurrent large sendfile transfers.
     sendfile_pool = ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="sendfile")
-    services = build_services(config, sendfile_pool=sendfile_pool)
+    services = build_services(config, sendfile_pool=sendfile_pool, worker=worker)
     pipeline = services.pipeline
     index, blobs, staging = services.index, services.blobs, services.staging
     flights, documents, clients = services.flights, services.documents, services.clients
@@ -171,17 +196,35 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
         pipeline.policies,
     )
     metrics = Metrics(clients, flights, data_dir, services.webhooks)
+
+    async def catch_up() -> None:
+        """Another process committed a change: drop every in-memory view of the index."""
+        pipeline.tokens.forget_verified()  # a token revoked elsewhere stops working here too
+        resolver.index_changed_elsewhere()
+        await registry.reload()
+        await pipeline.policies.load()
+
+    assert index.generation is not None
+    watcher = ChangeWatcher(index.generation, catch_up)
     app = web.Application(
         middlewares=[
             request_id_middleware,
             metrics.middleware,
             error_middleware,
+            body_deadline_middleware(config.server.client_timeout),
+            watcher.middleware,
             path_safety_middleware,
             access.middleware,
         ],
     )
     app[PIPELINE] = pipeline
     app[FLIGHTS] = flights
+    if worker is not None:  # which worker answered: for operators reading per-worker metrics
+
+        async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers["X-Proxy-Worker"] = str(worker.index)
+
+        app.on_response_prepare.append(name_worker)
 
     SystemRoutes(index, data_dir, pipeline.audit, clients).register(app.router)
     app.router.add_get("/-/metrics", metrics.handle)
@@ -207,6 +250,11 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
         return web.json_response(await reload())
 
     access.require(app.router.add_post(f"{ADMIN_API}/reload", reload_handler), "admin", "proxy")
+    # The dependency queries (before the admin API's catch-all); the recorder reads what each
+    # publish, copy or cache fill declares, told by the audit trail like the webhooks.
+    dependencies = DependencyRoutes(pipeline)
+    dependencies.register(app.router)
+    pipeline.audit.subscribe(dependencies.recorder.observe)
     AdminRoutes(pipeline).register(app.router)
     for route in app.router.routes():  # the admin API: admin of the domain in the path, or of all
         info = route.resource.get_info() if route.resource is not None else {}
@@ -228,7 +276,9 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
         domain = request.match_info.get("domain", "")
         fmt = request.match_info.get("format", "")
         repo = request.match_info.get("repo", "")
-        if domain and repo:
+        if domain and repo and not access.enabled:
+            # Named only with access control off: this route checks no token, and telling which
+            # repositories exist to anyone who asks is an existence oracle (invariant 9).
             registry.repository(RepoRef(domain, repo))  # 404 naming the domain or repository
         if fmt and fmt not in known:
             raise NotFound(
@@ -240,18 +290,32 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
     app.router.add_route("*", "/{domain}/{format}/{repo}/{tail:.*}", not_found)
     app.router.add_route("*", "/{tail:.*}", not_found)
 
+    async def index_routes(app: web.Application) -> None:
+        route_by_format(app.router)  # once the routes are final (see server/routing.py)
+
+    app.on_startup.append(index_routes)
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        removed = await asyncio.to_thread(_prepare_dirs, staging, blobs, services.page_files)
+        # A worker must not clear tmp/: other workers' downloads are in it.
+        removed = await asyncio.to_thread(_prepare_dirs, staging, blobs, services.page_files, worker is None)
         if removed:
             log.info("removed %d leftover temp files from an earlier run", removed)
         await index.open()
-        await registry.seed(config)
+        if worker is None:
+            await registry.seed(config)
+        else:
+            await registry.reload()
         await pipeline.policies.load()
         if config.server.admin_token_file is not None:
             access.use_admin_secret(await asyncio.to_thread(_read_secret, config.server.admin_token_file))
         pipeline.audit.start()
         services.webhooks.start()
         loop = asyncio.get_running_loop()
+        if worker is not None:
+            # Ctrl-C reaches the whole process group and the supervisor sends each worker one
+            # SIGTERM for it: a second signal would cut the graceful shutdown short.
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         reloads: set[asyncio.Future[None]] = set()  # kept until done (a task nobody holds may vanish)
         hup = getattr(signal, "SIGHUP", None)
         if reload_config is not None and hup is not None:
@@ -270,7 +334,7 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
         for client in clients.values():
             await client.start()
         toucher = asyncio.create_task(
-            _housekeeping(index, registry, resolver, services.page_files, pipeline, config, blobs),
+            _housekeeping(index, watcher, resolver, services.page_files, pipeline, config, blobs, worker),
             name="housekeeping",
         )
         if not config.server.auth:
@@ -312,6 +376,7 @@ def build_app(config: Config, reload_config: Callable[[], Config] | None = None)
             sendfile_pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(dependencies.recorder.lifecycle)
     return app
 
 
@@ -336,34 +401,36 @@ def _read_secret(path: Path) -> str:
     return secret
 
 
-def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, page_files: PageFiles) -> int:
+def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, page_files: PageFiles, repair: bool) -> int:
     blobs.prepare()
     page_files.prepare()
+    if not repair:
+        staging.root.mkdir(parents=True, exist_ok=True)
+        return 0
     return staging.prepare()
 
 
 async def _housekeeping(
     index: Index,
-    registry: RepositoryRegistry,
+    watcher: ChangeWatcher,
     resolver: Resolver,
     page_files: PageFiles,
     pipeline: Pipeline,
     config: Config,
     blobs: LocalBlobStore,
+    worker: WorkerRole | None,
 ) -> None:
-    """Every few seconds: notice changes the CLI made to the index; now and then, access times."""
-    version = await index.data_version()
+    """Every few seconds: catch up with other processes' changes; now and then, access times
+    and gc (in one worker only: N workers evicting at once would only race each other)."""
     last_touch = last_gc = time.monotonic()
+    gc_here = worker is None or worker.index == 0
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
         try:
-            current = await index.data_version()
-            if current != version:
-                version = current
-                await registry.reload()
-                resolver.index_changed_elsewhere()
-                pipeline.tokens.forget_verified()  # a token revoked by the CLI stops working here too
-                await pipeline.policies.load()
+            # Requests catch up before they are served; this keeps an idle worker current too.
+            # (Not SQLite's data_version: other workers' audit and access-time writes move it.)
+            if index.generation is not None and index.generation.changed():
+                await watcher.catch_up()
                 log.info("the index was changed by another process; reloaded repositories")
             if time.monotonic() - last_touch >= TOUCH_INTERVAL:
                 last_touch = time.monotonic()
@@ -371,7 +438,7 @@ async def _housekeeping(
                 await asyncio.to_thread(page_files.sweep)
                 await pipeline.tokens.flush_last_used()
             budget = config.server.gc_max_size
-            if budget and time.monotonic() - last_gc >= config.server.gc_interval:
+            if gc_here and budget and time.monotonic() - last_gc >= config.server.gc_interval:
                 last_gc = time.monotonic()
                 await resolver.flush_touches()  # eviction goes by last access: make it current
                 report = await lifecycle.gc(index, blobs, budget)

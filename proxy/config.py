@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from proxy.upstream.discovery import (
     NPM_REGISTRY,
@@ -26,7 +26,7 @@ from proxy.upstream.discovery import (
     pip_index_url,
 )
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,49}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,49}\Z")  # \Z: "$" accepts a trailing newline
 UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KNOWN_FORMATS = ("pypi", "npm", "maven", "nuget")
 
@@ -117,12 +117,19 @@ class ServerConfig:
     hot_cache_entries: int = 4096
     memory_cache_size: int = 128 * 2**20
     shutdown_timeout: float = 30.0
+    # A client connection that is idle, or has not sent a whole request head, this long after it
+    # opened (or after its last answer) is closed: slowloris clients cannot hold sockets for ever.
+    client_timeout: float = 75.0
     # Access control (proxy/security/): on unless a config turns it off for local development.
     auth: bool = True
     admin_token_file: Path | None = None  # else ARTIFACT_PROXY_ADMIN_TOKEN; never a default
     token_default_duration: float = 12 * 3600.0
     token_min_duration: float = 15 * 60.0  # CodeArtifact's bounds
     token_max_duration: float = 12 * 3600.0
+    # Brute force: after this many failed authentications from one client address within the
+    # window, its credentialed requests get a 429 until the window ends (0 turns it off).
+    auth_failure_limit: int = 60
+    auth_failure_window: float = 60.0
     audit_fetches: str = "misses"  # all | misses | none
     audit_file: Path | None = None  # also write the trail as JSON lines here
     tls_cert: Path | None = None
@@ -148,6 +155,9 @@ class CredentialsConfig:
     region: str = ""
     duration: float = 12 * 3600.0
     endpoint_url: str | None = None
+    # basic: the password is the one in the URL that this discovery key ("pip:index-url")
+    # finds at run time; the config itself never holds it.
+    secret_from_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,15 +475,17 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
         "max_staleness",
         "asset_timeout",
         "shutdown_timeout",
+        "client_timeout",
         "token_default_duration",
         "token_min_duration",
         "token_max_duration",
         "gc_interval",
+        "auth_failure_window",
     }
     sizes = {"max_metadata_size", "max_asset_size", "max_upload_size", "memory_cache_size", "gc_max_size"}
     plain = {"listen", "data_dir", "offline", "public_url", "trust_forwarded", "hot_cache_entries", "auth"}
     plain |= {"admin_token_file", "audit_fetches", "audit_file", "tls_cert", "tls_key"}
-    plain |= {"encryption_key_env", "encryption_key_file"}
+    plain |= {"encryption_key_env", "encryption_key_file", "auth_failure_limit"}
     _only_keys(raw, p, durations | sizes | plain)
     listen = overrides.listen or _get(raw, "listen", p, str, f"{d.host}:{d.port}")
     host, port = parse_listen(
@@ -506,6 +518,12 @@ def _parse_server(raw: Mapping[str, Any], overrides: Overrides) -> ServerConfig:
     if not 0 < low <= default <= high:
         raise ConfigError(f"{p}: token durations must satisfy 0 < min <= default <= max")
     values["token_default_duration"] = default
+    if values.get("client_timeout", d.client_timeout) <= 0:  # 0 would turn the bound off
+        raise ConfigError(f"{p}.client_timeout: must be more than 0")
+    failure_limit = _get(raw, "auth_failure_limit", p, int, d.auth_failure_limit)
+    if failure_limit < 0:
+        raise ConfigError(f"{p}.auth_failure_limit: must be 0 (off) or more")
+    values["auth_failure_limit"] = failure_limit
     return replace(
         d,
         host=host,
@@ -557,6 +575,27 @@ def _parse_upstream(
                 raise _Skipped(f"{p}: left out: {exc}") from exc
             raise ConfigError(f"{p}.url: {exc}") from exc
     parts = urlsplit(url)
+    url_credentials: CredentialsConfig | None = None
+    if parts.username is not None or parts.password is not None:
+        # Never kept in the URL: a URL is printed in logs, errors and the index. A URL found in
+        # pip's setup (what `aws codeartifact login --tool pip` writes) keeps working: its
+        # secret becomes a basic credential read from that same setup at run time, sent to
+        # this origin only. Written into our own config, it is refused and not repeated.
+        if discover is None or "credentials" in raw:
+            raise ConfigError(
+                f"{p}.url: the URL carries credentials (user:password@host); give the URL without "
+                f"them and put the secret in [{p}.credentials] (password_env or password_file)"
+            )
+        url_credentials = CredentialsConfig(
+            type="basic", username=unquote(parts.username or ""), secret_from_url=raw["url"]
+        )
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        parts = parts._replace(netloc=netloc)
+        url = urlunsplit(parts)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ConfigError(f"{p}.url: expected an http(s) URL, got {url!r}")
     if _points_at_self(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), server):
@@ -585,6 +624,8 @@ def _parse_upstream(
         values["ca_bundle"] = Path(bundle)
     if "credentials" in raw:
         values["credentials"] = _parse_credentials(f"{p}.credentials", raw["credentials"], env)
+    elif url_credentials is not None:
+        values["credentials"] = url_credentials
     return UpstreamConfig(
         name=name, format=fmt, url=url, allow_hosts=tuple(h.lower() for h in allow), **values
     )

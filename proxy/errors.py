@@ -5,12 +5,15 @@
     ├── BadRequest                   400 bad_request     invalid name, path or upload
     ├── NotAcceptable                406 not_acceptable  no representation the client accepts
     ├── Conflict                     409 conflict
+    ├── RequestTimeout               408 request_timeout   a request body that stalled
     ├── PayloadTooLarge              413 payload_too_large
     ├── Unauthorized                 401 unauthorized
     ├── Forbidden                    403 forbidden
+    ├── TooManyRequests              429 too_many_requests  failed authentications from one client
     ├── BlockedByOrigin              404 blocked_by_origin  hidden by origin rule / quarantine / age
     ├── PublishBlocked               403 publish_blocked    an origin rule blocks publishing
     ├── Offline                      503 offline         offline mode and never cached
+    ├── InsufficientStorage          507 insufficient_storage  the data directory is full
     ├── UpstreamUnavailable          502 upstream_unavailable  refused, 5xx, circuit open, bad bytes
     │   └── UpstreamTimeout          504 upstream_timeout
     └── UpstreamCorrupt              502 upstream_corrupt  declared hash or length not met
@@ -22,7 +25,9 @@ never sent.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -73,6 +78,13 @@ class Conflict(ProxyError):
     code = "conflict"
 
 
+class RequestTimeout(ProxyError):
+    """The client stopped sending its request body for longer than ``server.client_timeout``."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"
@@ -86,6 +98,13 @@ class Unauthorized(ProxyError):
 class Forbidden(ProxyError):
     status = 403
     code = "forbidden"
+
+
+class TooManyRequests(ProxyError):
+    """Too many failed authentications from one client: guessing tokens is slowed, not served."""
+
+    status = 429
+    code = "too_many_requests"
 
 
 class BlockedByOrigin(ProxyError):
@@ -103,6 +122,28 @@ class PublishBlocked(ProxyError):
 class Offline(ProxyError):
     status = 503
     code = "offline"
+
+
+class InsufficientStorage(ProxyError):
+    """The data directory's file system (or quota) is full: nothing was committed; retry later."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc``, or an error it was raised from, is ENOSPC/EDQUOT or SQLite's "database
+    or disk is full": the operator's problem, so a clear 507 rather than a 500 or a 502."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short walk: causes chain only a few levels deep here
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and "disk is full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class UpstreamUnavailable(ProxyError):
@@ -165,7 +206,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             {"error": "http_error", "message": exc.reason, "request_id": request_id},
             status=exc.status,
         )
-    except Exception:
+    except Exception as exc:
+        if is_disk_full(exc):
+            log.error("%s %s -> 507: the data directory is full: %s", request.method, request.path, exc)
+            return json_error(InsufficientStorage("the proxy's storage is full; try again later"), request_id)
         log.exception("unhandled error in %s %s (request id %s)", request.method, request.path, request_id)
         return web.json_response(
             {"error": "internal_error", "message": "internal error", "request_id": request_id},

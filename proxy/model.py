@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")  # \Z: "$" would let a trailing newline into a file name
 
 # Hash algorithms a document may declare that we are able to check while streaming.
 CHECKABLE_HASHES = frozenset({"md5", "sha1", "sha224", "sha256", "sha384", "sha512"})
@@ -77,6 +77,9 @@ class ListedFile:
     size: int | None = None
     hidden: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Asked for by path rather than listed (Maven): the upstream's 404 then means "no such
+    # file", where for a listed file it means the upstream contradicts its own listing.
+    located: bool = False
 
     @property
     def sha256(self) -> str | None:

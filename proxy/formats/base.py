@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from aiohttp import web
@@ -113,6 +113,12 @@ class FormatAdapter(ABC):
             hidden=hidden or self.is_companion(record.filename),
             extra={"upload_time": upload_time},
         )
+
+    def describe_cached(self, entry: ListedFile, hashes: Mapping[str, str], size: int) -> ListedFile:
+        """An upstream entry made to describe the cached bytes of its file (an upstream that
+        changed a cached release is not followed; pipeline/mutations.py): every integrity field
+        the adapter renders must now state ``hashes`` (same algorithms as declared) and ``size``."""
+        return replace(entry, hashes=dict(hashes), size=size)
 
     def hosted_extra(self, tags: Mapping[str, str], times: Mapping[str, str | None]) -> dict[str, Any]:
         """Package-level fields of the published versions (npm: dist-tags and times)."""

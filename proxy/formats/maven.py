@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from proxy.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from proxy.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, UpstreamCorrupt
 from proxy.formats import maven_metadata as meta
 from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.formats.maven_paths import CHECKSUM_ALGORITHMS, METADATA, MavenPath, parse_path, valid_package
@@ -139,7 +139,7 @@ class MavenAdapter(FormatAdapter):
 
     async def root_redirect(self, request: web.Request) -> web.StreamResponse:
         repo_ref(request)
-        raise web.HTTPMovedPermanently(location=f"{request.path}/")
+        raise web.HTTPMovedPermanently(location=f"{request.raw_path.split('?', 1)[0]}/")  # never decoded
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         ref = repo_ref(request)
@@ -200,14 +200,16 @@ class MavenAdapter(FormatAdapter):
                 ref,
                 self.name,
                 package,
-                lambda url: DocumentRequest(key=f"maven:{key}", url=f"{url}{quote(key)}", headers={}),
+                lambda url: DocumentRequest(
+                    key=f"maven:{key}", url=f"{url}{quote(key)}", headers={}, check=lambda b, _: meta.parse(b)
+                ),
             )
             if found is not None:
                 body, status = found
                 try:
                     parsed = meta.parse(body)
-                except meta.MetadataError as exc:
-                    raise NotFound(
+                except meta.MetadataError as exc:  # the upstream's trouble: never a 404
+                    raise UpstreamCorrupt(
                         f"the upstream's metadata of {package} {path.version} is malformed: {exc}",
                         detail={"package": package, "version": path.version},
                     ) from exc

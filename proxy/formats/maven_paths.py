@@ -18,8 +18,9 @@ from proxy.errors import BadRequest
 
 CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "sha512")
 METADATA = "maven-metadata.xml"
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-+~]{0,199}$")
-_PACKAGE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-]*:[A-Za-z0-9_][A-Za-z0-9._\-]*$")
+# \Z, not $: "$" also matches before a trailing newline.
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-+~]{0,199}\Z")
+_PACKAGE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-]*:[A-Za-z0-9_][A-Za-z0-9._\-]*\Z")
 
 Kind = Literal["directory", "file", "artifact-metadata", "version-metadata"]
 

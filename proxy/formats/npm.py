@@ -117,6 +117,19 @@ class NpmAdapter(FormatAdapter):
             extra={"manifest": manifest, "upload_time": upload_time},
         )
 
+    def describe_cached(self, entry: ListedFile, hashes: Mapping[str, str], size: int) -> ListedFile:
+        """The manifest's ``dist.integrity`` and ``dist.shasum`` are what npm checks: they state
+        the cached tarball's digests."""
+        manifest = dict(entry.extra.get("manifest") or {})
+        dist = dict(manifest.get("dist") or {})
+        sri = [docs.hex_to_sri(a, h) for a, h in hashes.items() if a != "sha1"]
+        if sri or "integrity" in dist:
+            dist["integrity"] = " ".join(sri) or docs.hex_to_sri("sha1", hashes["sha1"])
+        if "sha1" in hashes:
+            dist["shasum"] = hashes["sha1"]
+        manifest["dist"] = dist
+        return replace(entry, hashes=dict(hashes), size=size, extra={**entry.extra, "manifest": manifest})
+
     def hosted_extra(self, tags: Mapping[str, str], times: Mapping[str, str | None]) -> dict[str, Any]:
         return {"dist-tags": dict(tags), "time": {v: t for v, t in times.items() if t}}
 

@@ -24,7 +24,8 @@ from proxy.model import ListedFile, Listing
 
 ABBREVIATED = "application/vnd.npm.install-v1+json"
 FULL = "application/json"
-_NAME_RE = re.compile(r"^(?:@[a-z0-9-~][a-z0-9-._~]*/)?[A-Za-z0-9-~][A-Za-z0-9-._~]*$")
+# \Z, not $: "$" also matches before a trailing newline.
+_NAME_RE = re.compile(r"^(?:@[a-z0-9-~][a-z0-9-._~]*/)?[A-Za-z0-9-~][A-Za-z0-9-._~]*\Z")
 # Manifest fields an installer needs: what the registry's abbreviated form keeps.
 _ABBREVIATED_FIELDS = (
     "name",

@@ -22,6 +22,7 @@ registration gives one. Version lists merge along the chain like every other for
 
 from __future__ import annotations
 
+import base64
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -113,6 +114,15 @@ class NuGetAdapter(FormatAdapter):
             "published": upload_time,
         }
         return replace(entry, extra=extra)
+
+    def describe_cached(self, entry: ListedFile, hashes: Mapping[str, str], size: int) -> ListedFile:
+        """The registration's ``packageHash`` (passed through) states the cached package's SHA-512."""
+        catalog = dict(entry.extra.get("catalog") or {})
+        if "sha512" in hashes and "packageHash" in catalog:
+            catalog["packageHash"] = base64.b64encode(bytes.fromhex(hashes["sha512"])).decode()
+            catalog["packageHashAlgorithm"] = "SHA512"
+            catalog["packageSize"] = size
+        return replace(entry, hashes=dict(hashes), size=size, extra={**entry.extra, "catalog": catalog})
 
     def derive(self, entry: ListedFile, blob: Callable[[], BinaryIO]) -> list[tuple[str, bytes, str]]:
         """The .nuspec inside a cached .nupkg, served from the flat container (blocking)."""

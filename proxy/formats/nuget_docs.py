@@ -40,6 +40,10 @@ _CATALOG_FIELDS = (
     "deprecation",
     "vulnerabilities",
     "packageTypes",
+    # Integrity fields, as the upstream wrote them (rewriting URLs never touches these).
+    "packageHash",
+    "packageHashAlgorithm",
+    "packageSize",
 )
 UNLISTED_PUBLISHED = "1900-01-01T00:00:00+00:00"
 COMMIT = {"commitId": "00000000-0000-0000-0000-000000000000", "commitTimeStamp": "1900-01-01T00:00:00+00:00"}

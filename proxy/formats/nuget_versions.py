@@ -13,7 +13,7 @@ from typing import Any
 
 from proxy.errors import BadRequest
 
-_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}\Z")  # \Z: "$" accepts a trailing newline
 _VERSION = re.compile(
     r"^(?P<nums>\d+(?:\.\d+){0,3})(?:-(?P<pre>[0-9A-Za-z\-]+(?:\.[0-9A-Za-z\-]+)*))?(?:\+(?P<meta>[0-9A-Za-z\-.]+))?$"
 )

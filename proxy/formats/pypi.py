@@ -30,7 +30,7 @@ from proxy.pipeline.documents import DocumentRequest
 from proxy.server.pages import PageSource
 from proxy.server.routing import base_url, repo_ref
 
-_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]{0,250}$")
+_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]{0,250}\Z")  # \Z: "$" accepts a trailing newline
 MAX_METADATA_BYTES = 16 * 2**20
 
 
@@ -106,7 +106,9 @@ class PyPIAdapter(FormatAdapter):
     # --- handlers -----------------------------------------------------------------------------
 
     async def add_slash(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPMovedPermanently(location=_with_query(f"{request.path}/", request))
+        # From the raw path: the decoded one would turn ``%252e`` into ``%2e`` (a second decoding
+        # by whoever follows) and a ``%0a`` into a line break in the Location header.
+        raise web.HTTPMovedPermanently(location=_with_query(f"{request.raw_path.split('?', 1)[0]}/", request))
 
     async def project_list(self, request: web.Request) -> web.StreamResponse:
         ref = repo_ref(request)

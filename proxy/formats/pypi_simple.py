@@ -24,7 +24,9 @@ TEXT_HTML = "text/html"
 # What the proxy asks upstreams for: JSON preferred (it carries size and upload-time).
 UPSTREAM_ACCEPT = f"{JSON_V1}, {HTML_V1};q=0.2, {TEXT_HTML};q=0.01"
 
-_NAME_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+# ASCII only, to the very end: with Unicode IGNORECASE the Kelvin sign matches "k" (and folds
+# to it with lower()), the long s matches "s"; and "$" would accept a trailing newline.
+_NAME_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])\Z", re.IGNORECASE | re.ASCII)
 _SDIST_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
 
 CoreMetadata = Mapping[str, str] | bool
@@ -165,9 +167,20 @@ class _AnchorParser(HTMLParser):
 
 
 def parse_html(body: bytes, url: str, source: str) -> Listing:
-    """A PEP 503 project page."""
+    """A PEP 503 project page; ValueError when the body is no HTML page at all.
+
+    Refused: bytes that are not UTF-8 (gzip without ``Content-Encoding``, binary noise), text
+    without markup, and a page that ends inside a tag (cut short). Read leniently, any of these
+    would be an empty project, a 404 where the upstream had the files.
+    """
+    text = body.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    tail = text.rstrip()
+    if "<" not in tail:
+        raise ValueError("not an HTML page: no markup")
+    if tail.rfind("<") > tail.rfind(">"):
+        raise ValueError("the HTML page ends inside a tag (cut short?)")
     parser = _AnchorParser()
-    parser.feed(body.decode("utf-8", errors="replace"))
+    parser.feed(text)
     parser.close()
     files: list[ListedFile] = []
     for attrs, text in parser.anchors:

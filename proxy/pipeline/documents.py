@@ -7,7 +7,13 @@ background. A refresh whose serial (e.g. PyPI's ``X-PyPI-Last-Serial``) is older
 one never replaces it (a lagging CDN node). When the upstream fails, the stale copy is served and
 flagged; only what was never cached fails. Offline mode never contacts an upstream. An upstream
 404 is remembered briefly (negative cache), and served again past that while the upstream is
-failing or offline mode is on; a failure is never remembered.
+failing or offline mode is on; a failure is never remembered. A body that breaks off, stalls or
+that the format cannot parse (``DocumentRequest.check``) is a failure like any other: it is never
+cached, and the last good copy stays and is served.
+
+With several worker processes a refresh also takes the document's cross-process lock
+(storage/locks.py) and, once it has it, looks at the index again: a refresh another worker
+finished meanwhile is used as it is, so N workers asking for one cold page cause one GET.
 """
 
 from __future__ import annotations
@@ -16,16 +22,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+import aiohttp
+
 from proxy.config import ServerConfig
-from proxy.errors import Offline, UpstreamUnavailable
+from proxy.errors import Offline, UpstreamCorrupt, UpstreamTimeout, UpstreamUnavailable
 from proxy.model import CacheStatus
 from proxy.storage.index import DocumentRow, Index
+from proxy.storage.locks import KeyLocks
 from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger("proxy.documents")
+
+# Fresh bodies bigger than this are checked in a worker thread, so the event loop keeps serving.
+CHECK_IN_THREAD = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +48,9 @@ class DocumentRequest:
     url: str
     headers: Mapping[str, str]
     serial_header: str | None = None
+    # Parses a fresh body (bytes, Content-Type) as the format would, raising ValueError when it
+    # cannot: a malformed answer must not replace the last good copy.
+    check: Callable[[bytes, str], object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +65,10 @@ class FetchedDocument:
 class DocumentCache:
     """Gets documents through the index, refreshing them from upstreams as freshness requires."""
 
-    def __init__(self, index: Index, server: ServerConfig) -> None:
+    def __init__(self, index: Index, server: ServerConfig, locks: KeyLocks | None = None) -> None:
         self._index = index
         self._server = server
+        self._locks = locks
         self._refreshes: dict[tuple[str, str], asyncio.Task[FetchedDocument | None]] = {}
 
     async def get(self, client: UpstreamClient, req: DocumentRequest) -> FetchedDocument | None:
@@ -87,13 +103,16 @@ class DocumentCache:
         try:
             return await asyncio.wait_for(asyncio.shield(task), self._server.soft_deadline)
         except TimeoutError:
+            if self._server.max_staleness and now - row.fetched_at > self._server.max_staleness:
+                # Too old to stand in for the upstream: wait for its answer (or its failure).
+                return await asyncio.shield(task)
             log.warning(
                 "upstream %s slow for %s; serving the stale copy, refresh continues",
                 client.name,
                 req.url,
             )
             return FetchedDocument(row, CacheStatus.STALE, f"upstream {client.name} slow")
-        except UpstreamUnavailable as exc:
+        except (UpstreamUnavailable, UpstreamCorrupt) as exc:
             age = now - row.fetched_at
             if self._server.max_staleness and age > self._server.max_staleness:
                 raise
@@ -117,6 +136,32 @@ class DocumentCache:
             task.exception()  # retrieved: a refresh that outlived its requests is not a bug
 
     async def _refresh(
+        self, client: UpstreamClient, req: DocumentRequest, row: DocumentRow | None
+    ) -> FetchedDocument | None:
+        if self._locks is None:
+            return await self._refetch(client, req, row)
+        patience = client.config.metadata_timeout + 5.0
+        lock = self._locks.hold(("document", client.name, req.key), patience)
+        try:
+            await lock.__aenter__()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"another worker's refresh of {req.url} did not finish in time",
+                detail={"upstream": client.name},
+            ) from exc
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(lock)
+            now = time.time()
+            current = await self._index.get_document(client.name, req.key)
+            if current is not None and now < current.expires_at and current != row:
+                return FetchedDocument(current, CacheStatus.HIT)  # another worker refreshed it
+            if current is None and row is None:
+                negative = await self._index.get_negative(client.name, req.key)
+                if negative is not None and now < negative:
+                    return None  # another worker just learned that it does not exist
+            return await self._refetch(client, req, current or row)
+
+    async def _refetch(
         self, client: UpstreamClient, req: DocumentRequest, row: DocumentRow | None
     ) -> FetchedDocument | None:
         headers = dict(req.headers)
@@ -143,10 +188,23 @@ class DocumentCache:
             if (resp.content_length or 0) > limit:
                 raise UpstreamUnavailable(f"upstream {client.name}: document larger than {limit} bytes")
             body = bytearray()
-            async for chunk in resp.content.iter_any():
-                body += chunk
-                if len(body) > limit:
-                    raise UpstreamUnavailable(f"upstream {client.name}: document larger than {limit} bytes")
+            try:
+                async for chunk in resp.content.iter_any():
+                    body += chunk
+                    if len(body) > limit:
+                        raise UpstreamUnavailable(
+                            f"upstream {client.name}: document larger than {limit} bytes"
+                        )
+            except TimeoutError as exc:  # stalled or dripping: sock_read or metadata_timeout
+                raise UpstreamTimeout(
+                    f"upstream {client.name} stalled while sending {req.url}",
+                    detail={"upstream": client.name},
+                ) from exc
+            except aiohttp.ClientError as exc:  # cut short, reset
+                raise UpstreamUnavailable(
+                    f"upstream {client.name} broke off sending {req.url}: {str(exc)[:200]}",
+                    detail={"upstream": client.name},
+                ) from exc
             serial = _int_or_none(resp.headers.get(req.serial_header)) if req.serial_header else None
             if row is not None and serial is not None and row.serial is not None and serial < row.serial:
                 log.warning(
@@ -161,12 +219,15 @@ class DocumentCache:
                 await self._index.renew_document(client.name, req.key, row.fetched_at, retry_at)
                 kept = replace(row, expires_at=retry_at)
                 return FetchedDocument(kept, CacheStatus.REVALIDATED)
+            data, content_type = bytes(body), resp.headers.get("Content-Type", "application/octet-stream")
+            if req.check is not None:
+                await _check(client.name, req, data, content_type)
             new = DocumentRow(
                 upstream=client.name,
                 key=req.key,
                 url=str(resp.url),
-                body=bytes(body),
-                content_type=resp.headers.get("Content-Type", "application/octet-stream"),
+                body=data,
+                content_type=content_type,
                 etag=resp.headers.get("ETag"),
                 last_modified=resp.headers.get("Last-Modified"),
                 serial=serial,
@@ -182,6 +243,22 @@ class DocumentCache:
         for task in list(self._refreshes.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def _check(upstream: str, req: DocumentRequest, body: bytes, content_type: str) -> None:
+    """Raise :class:`UpstreamCorrupt` (naming the upstream) if ``req.check`` refuses ``body``."""
+    assert req.check is not None
+    try:
+        if len(body) > CHECK_IN_THREAD:
+            await asyncio.to_thread(req.check, body, content_type)
+        else:
+            req.check(body, content_type)
+    except ValueError as exc:
+        log.error("upstream %s sent a malformed document for %s: %s", upstream, req.url, exc)
+        raise UpstreamCorrupt(
+            f"upstream {upstream} sent a malformed document for {req.url}: {str(exc)[:200]}",
+            detail={"upstream": upstream},
+        ) from exc
 
 
 def _int_or_none(value: str | None) -> int | None:

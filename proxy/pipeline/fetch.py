@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from proxy.config import ServerConfig
-from proxy.errors import NotFound, UpstreamCorrupt, UpstreamUnavailable
+from proxy.errors import (
+    InsufficientStorage,
+    NotFound,
+    UpstreamCorrupt,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    is_disk_full,
+)
 from proxy.model import ListedFile
 from proxy.storage.blobs import BlobInfo
 from proxy.storage.local import LocalBlobStore
@@ -55,14 +62,18 @@ class Fetcher:
                 f"upstream {client.name} broke off the transfer of {entry.filename}",
                 detail={"upstream": client.name},
             ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(
-                f"upstream {client.name} failed while sending {entry.filename}: {exc}",
+        except TimeoutError as exc:  # an OSError too: caught first, it is the asset deadline
+            raise UpstreamTimeout(
+                f"upstream {client.name} took too long to send {entry.filename}",
                 detail={"upstream": client.name},
             ) from exc
-        except TimeoutError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
+            if is_disk_full(exc):  # our disk is full, not the upstream at fault: a 507 that says so
+                raise InsufficientStorage(
+                    f"no space left to store {entry.filename}: the proxy's storage is full"
+                ) from exc
             raise UpstreamUnavailable(
-                f"upstream {client.name} took too long to send {entry.filename}",
+                f"upstream {client.name} failed while sending {entry.filename}: {exc}",
                 detail={"upstream": client.name},
             ) from exc
         flight.derived.extend(await self.derive(adapter, entry, info))
@@ -73,9 +84,16 @@ class Fetcher:
     ) -> BlobInfo:
         limit = self._server.max_asset_size
         async with client.get(entry.url, headers={"Accept-Encoding": "identity"}, total_timeout=None) as resp:
-            if resp.status in {404, 410}:
+            if resp.status in {404, 410} and entry.located:
                 raise NotFound(
                     f"upstream {client.name} has no {entry.filename} ({resp.status})",
+                    detail={"upstream": client.name, "upstream_status": resp.status},
+                )
+            if resp.status in {404, 410}:
+                # The upstream listed this file and then denies it: its fault, not "not found"
+                # (a 404 here would tell a build the version does not exist).
+                raise UpstreamUnavailable(
+                    f"upstream {client.name} lists {entry.filename} but answered {resp.status} for it",
                     detail={"upstream": client.name, "upstream_status": resp.status},
                 )
             if resp.status != 200:

@@ -31,6 +31,7 @@ from proxy.errors import (
 from proxy.model import AssetRecord, CacheStatus, Digest, ListedFile, Listing, RepoRef
 from proxy.pipeline.documents import DocumentCache, DocumentRequest
 from proxy.pipeline.fetch import Fetcher
+from proxy.pipeline.mutations import MutationGuard
 from proxy.pipeline.origin import PackagePolicy, matching_rule
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.security.audit import AuditLog
@@ -38,6 +39,7 @@ from proxy.storage.blobs import BlobInfo
 from proxy.storage.catalog import Catalog, QuarantineEntry
 from proxy.storage.hot import HotCache
 from proxy.storage.index import Index
+from proxy.storage.intact import BlobCheck
 from proxy.storage.local import LocalBlobStore
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.flight import Flight, FlightGroup
@@ -129,6 +131,8 @@ class Resolver:
         self._flights = flights
         self._audit = audit
         self._touched: set[tuple[RepoRef, str, str, str]] = set()
+        self._mutations = MutationGuard(blobs)
+        self._blob_check = BlobCheck(blobs, config.server.data_dir / "quarantine")
         self._policies: dict[tuple[RepoRef, str, str], PackagePolicy] = {}
 
     @property
@@ -158,6 +162,7 @@ class Resolver:
         found = self._policies.get(key)
         if found is not None:
             return found
+        epoch = self._hot.epoch
         rules = await self._catalog.origin_rules(ref, fmt)
         versions = await self._catalog.versions(ref, fmt, package)
         policy = PackagePolicy(
@@ -170,7 +175,8 @@ class Resolver:
         )
         if len(self._policies) > 10_000:
             self._policies.clear()
-        self._policies[key] = policy
+        if epoch == self._hot.epoch:  # not when another worker's change landed meanwhile
+            self._policies[key] = policy
         return policy
 
     async def _quarantine(self, ref: RepoRef, fmt: str) -> tuple[QuarantineEntry, ...]:
@@ -214,8 +220,12 @@ class Resolver:
         expires = min(collected.expiries, default=now + RETRY_SOON)
         if status is CacheStatus.STALE:
             expires = min(expires, now + RETRY_SOON) if expires > now else now + RETRY_SOON
+        merged = Listing.merge(package, collected.listings)
+        if any(f.source and f.hashes for f in merged.files):  # cached upstream files stay as cached
+            stored = await self.cached_files(ref, adapter.name, package)
+            merged = await self._mutations.keep_cached(adapter, merged, stored)
         return ResolvedListing(
-            listing=Listing.merge(package, collected.listings),
+            listing=merged,
             status=status,
             expires_at=expires,
             warnings=tuple(warnings),
@@ -315,6 +325,17 @@ class Resolver:
                 out.errors.append(exc)
                 return out
         req = adapter.document_request(base, package)
+        # A fresh body the adapter cannot parse is refused before it replaces the last good copy;
+        # what the check parsed is used below rather than parsed again (same body, same URL).
+        url, source = req.url, client.name
+        checked: list[tuple[bytes, Listing]] = []
+
+        def check(body: bytes, ctype: str) -> Listing:
+            listing = adapter.parse_listing(body, ctype, url, source)
+            checked.append((body, listing))
+            return listing
+
+        req = replace(req, check=check)
         doc = await self._documents.get(client, req)
         if doc is None:
             return out
@@ -333,7 +354,9 @@ class Resolver:
         parsed = self._hot.listing(key)
         if parsed is None:
             try:
-                if len(row.body) > BIG_DOCUMENT:  # tens of MB for the biggest npm packuments
+                if checked and checked[-1][0] is row.body and row.url == url:
+                    parsed = checked[-1][1]
+                elif len(row.body) > BIG_DOCUMENT:  # tens of MB for the biggest npm packuments
                     parsed = await asyncio.to_thread(
                         adapter.parse_listing, row.body, row.content_type, row.url, client.name
                     )
@@ -443,6 +466,8 @@ class Resolver:
         where = {"domain": ref.domain, "repository": ref.repository, "format": fmt, "package": package}
         if record is not None:
             self._check_visible(ref, package, record, policy)
+            record = await self._intact(record)  # None: damaged on disk, to be fetched again
+        if record is not None:
             self._touched.add((ref, fmt, package, filename))
             self._audit.fetch("HIT", version=record.version, digest=record.digest.hex, **where)
             return AssetHandle(CacheStatus.HIT, record=record)
@@ -472,12 +497,46 @@ class Resolver:
         if self.config.server.offline:
             raise Offline(f"offline mode: {filename} was never cached, so it cannot be served")
         if entry.sha256:
-            info = await self._blobs.stat(Digest(entry.sha256))
+            try:
+                digest = Digest(entry.sha256)
+            except ValueError:  # a hostile or broken index: never a 500, never a header
+                raise UpstreamCorrupt(
+                    f"the upstream declared a malformed sha256 for {filename}", detail={"filename": filename}
+                ) from None
+            info = await self._blobs.stat(digest)
             if info is not None:  # same bytes already stored for another repository or name
                 record = self._record(ref, adapter, package, entry, info)
                 await self._commit_rows([record])
                 return AssetHandle(CacheStatus.HIT, record=record)
         return self._fetch(ref, adapter, package, entry)
+
+    async def _intact(self, record: AssetRecord) -> AssetRecord | None:
+        """The record, if its blob holds the bytes its name says (storage/intact.py). Else the
+        damage is logged, every cached row of the blob dropped (so the caller fetches it again,
+        as ``verify --repair`` would have it), and None returned; a damaged hosted file cannot
+        be fetched again and is an error, never served."""
+        damage = await self._blob_check.damage(record.digest)
+        if damage is None:
+            return record
+        dropped = await self._index.drop_cached_digest(record.digest)
+        for row in [record, *dropped]:
+            self._hot.forget_asset((row.repo, row.format, row.package, row.filename))
+            self._hot.invalidate_package((row.repo.domain, row.format, row.package))
+        log.error(
+            "blob %s of %s/%s %s is %s on disk: not served; %d cached rows dropped to fetch it again",
+            record.digest.hex,
+            record.repo.repository,
+            record.package,
+            record.filename,
+            damage,
+            len(dropped),
+        )
+        if record.hosted:
+            raise ProxyError(
+                f"the stored {record.filename} is {damage} on disk and cannot be served "
+                "(a published file: restore it from a backup or publish it again)"
+            )
+        return None
 
     def _fetch(self, ref: RepoRef, adapter: FormatAdapter, package: str, entry: ListedFile) -> AssetHandle:
         """Join (or start) the one download of ``entry`` and record it for ``ref`` when done."""
@@ -523,7 +582,17 @@ class Resolver:
             ]
             await self._commit_rows(rows)
 
-        flight = self._flights.join((client.name, entry.url), fetch, on_commit)
+        async def recheck(flight: Flight) -> BlobInfo | None:
+            """Another worker process may have committed the file while this one waited."""
+            sha = entry.sha256
+            digest = Digest(sha) if sha else await self._index.origin_digest(client.name, entry.url)
+            info = await self._blobs.stat(digest) if digest is not None else None
+            if info is not None:
+                flight.content_type = adapter.content_type(entry.filename)
+                flight.derived.extend(await self._fetcher.derive(adapter, entry, info))
+            return info
+
+        flight = self._flights.join((client.name, entry.url), fetch, on_commit, recheck)
         return AssetHandle(CacheStatus.MISS, flight=flight, entry=entry)
 
     async def _locate(
@@ -548,7 +617,7 @@ class Resolver:
         for client in connections:
             url, checksum = adapter.locate(client.config.url, package, filename)
             if checksum is None:
-                return ListedFile(filename, url, client.name, {}, version)
+                return ListedFile(filename, url, client.name, {}, version, located=True)
             try:
                 doc = await self._documents.get(client, checksum)
             except ProxyError as exc:
@@ -561,7 +630,7 @@ class Resolver:
             except ValueError as exc:
                 log.warning("upstream %s: unusable checksum for %s: %s", client.name, filename, exc)
                 hashes = {}
-            return ListedFile(filename, url, client.name, hashes, version)
+            return ListedFile(filename, url, client.name, hashes, version, located=True)
         if errors:
             raise errors[0]
         if connections:
@@ -573,7 +642,7 @@ class Resolver:
                     f"{filename} was not found in {ref.domain}/{ref.repository} or its upstreams",
                     detail={"package": package, "filename": filename, "upstream": first.name},
                 )
-            return ListedFile(filename, url, first.name, {}, version, extra={"probe": True})
+            return ListedFile(filename, url, first.name, {}, version, extra={"probe": True}, located=True)
         raise NotFound(
             f"{filename} was not found in {ref.domain}/{ref.repository} or its upstreams",
             detail={"package": package, "filename": filename},
@@ -676,9 +745,11 @@ class Resolver:
         record = self._hot.asset(key)
         if record is not None:
             return record
+        epoch = self._hot.epoch
         record = await self._index.get_asset(ref, fmt, package, filename)
         if record is not None:
-            self._hot.remember_asset(record)
+            if epoch == self._hot.epoch:
+                self._hot.remember_asset(record)
             return record
         for up in self._upstream_repos(ref):
             found = await self._stored(up, fmt, package, filename)

@@ -11,6 +11,14 @@ and denials go to the audit trail; the token itself never goes anywhere.
 
 The bootstrap administrator's secret comes from ``ARTIFACT_PROXY_ADMIN_TOKEN`` or the file named
 by ``server.admin_token_file``; there is no default.
+
+Guessing is slowed per client: after ``server.auth_failure_limit`` failed authentications from
+one address within ``server.auth_failure_window``, that address's credentialed requests get a
+429 until the window ends, before its credential is even looked at (so a guess made then
+tells nothing). The address is the peer's, or with ``server.trust_forwarded`` the one the
+nearest proxy appended to ``X-Forwarded-For`` (the last entry: earlier ones are whatever the
+client wrote). IPv6 clients are counted per /64, the block one host usually holds. Counts
+live in this process's memory (several worker processes each count their own).
 """
 
 from __future__ import annotations
@@ -18,15 +26,18 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
+import math
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from aiohttp import hdrs, web
+from cachetools import TTLCache
 
 from proxy.config import ServerConfig
-from proxy.errors import Forbidden, Handler, NotFound
+from proxy.errors import Forbidden, Handler, NotFound, TooManyRequests, Unauthorized
 from proxy.model import RepoRef
 from proxy.pipeline.registry import RepositoryRegistry
 from proxy.security.audit import ACTOR, Actor, AuditLog
@@ -37,6 +48,7 @@ Scope = Literal["repository", "domain", "proxy", "authenticated"]
 ADMIN_TOKEN_ENV = "ARTIFACT_PROXY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 DEFAULT_PERMISSION = {"GET": "read", "HEAD": "read", "POST": "publish", "PUT": "publish", "DELETE": "delete"}
 TOKEN_KEY = web.RequestKey("token", object)
+MAX_TRACKED_CLIENTS = 100_000  # bounds the limiter's memory whatever the number of addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,51 @@ def bootstrap_token(secret: str | None) -> tuple[str | None, Token]:
     return secret, token
 
 
+class FailureLimiter:
+    """Failed authentications per client key in a fixed window (starting at the first failure)."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        # key -> [failures, monotonic time of the first]; mutated in place so the entry still
+        # expires one window after the first failure, not after the latest.
+        self._seen: TTLCache[str, list[float]] = TTLCache(MAX_TRACKED_CLIENTS, max(window, 0.001))
+
+    def check(self, client: str) -> None:
+        """429 while ``client`` is over the limit."""
+        if self.limit <= 0:
+            return
+        entry = self._seen.get(client_key(client))
+        if entry is not None and entry[0] >= self.limit:
+            retry = max(1, math.ceil(entry[1] + self.window - time.monotonic()))
+            raise TooManyRequests(
+                f"too many failed authentications from this client; retry in {retry} s",
+                detail={"retry_after": retry},
+                headers={"Retry-After": str(retry)},
+            )
+
+    def failed(self, client: str) -> None:
+        if self.limit <= 0:
+            return
+        key = client_key(client)
+        entry = self._seen.get(key)
+        if entry is None:
+            self._seen[key] = [1.0, time.monotonic()]
+        else:
+            entry[0] += 1
+
+
+def client_key(address: str) -> str:
+    """What the limiter counts by: the address, or an IPv6 address's /64."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class AccessControl:
     """The route requirements and the middleware that enforces them. Built in ``build_app``."""
 
@@ -79,6 +136,7 @@ class AccessControl:
         self._audit = audit
         self._admin_secret, self.bootstrap = bootstrap_token(admin_secret)
         self._requirements: dict[tuple[Hashable, str], Requirement] = {}
+        self.failures = FailureLimiter(server.auth_failure_limit, server.auth_failure_window)
 
     def use_admin_secret(self, secret: str) -> None:
         self._admin_secret = secret
@@ -108,7 +166,7 @@ class AccessControl:
         domain, repo = info.get("domain"), info.get("repo")
         where = {"domain": domain or "", "repository": repo or ""}
         try:
-            token = await self.authenticate(request)
+            token = await self.authenticate(request, client)
         except Exception as exc:
             ACTOR.set(Actor("unknown", "", client))
             self._audit.record("auth_failure", result="denied", detail={"reason": str(exc)}, **where)
@@ -116,7 +174,7 @@ class AccessControl:
         if token is None:
             ACTOR.set(Actor("anonymous", "", client))
             anonymous = need.permission == "read" and need.scope == "repository" and domain and repo
-            if anonymous and self.registry.repository(RepoRef(domain or "", repo or "")).anonymous_read:
+            if anonymous and self._anonymous_read(domain or "", repo or ""):
                 return await handler(request)
             self._audit.record("auth_failure", result="denied", detail={"reason": "no credentials"}, **where)
             raise unauthenticated(
@@ -127,8 +185,6 @@ class AccessControl:
         request[TOKEN_KEY] = token
         if need.scope == "authenticated":
             return await handler(request)
-        if need.scope == "repository" and domain and repo:
-            self.registry.repository(RepoRef(domain, repo))  # 404 for what does not exist
         target_repo = repo if need.scope == "repository" else None
         target_domain = None if need.scope == "proxy" else domain
         allowed = token.allows(target_domain, target_repo, need.permission)
@@ -152,20 +208,41 @@ class AccessControl:
                 f"on {_where(need, domain, repo)}",
                 detail={"permission": need.permission, "token_id": token.id},
             )
+        # Only a caller who could use the repository learns whether it exists (a 404); to any
+        # other, one that does not exist is refused like one it may not use: no existence oracle.
+        if need.scope == "repository" and domain and repo:
+            self.registry.repository(RepoRef(domain, repo))
         return await handler(request)
 
-    async def authenticate(self, request: web.Request) -> Token | None:
-        """The caller's token, None without a credential; 401 for a bad one."""
-        secret = credential(request.headers)
-        if secret is None:
-            return None
-        if self._admin_secret and hmac.compare_digest(secret.encode(), self._admin_secret.encode()):
-            return self.bootstrap
-        return await self.tokens.verify(secret)
+    def _anonymous_read(self, domain: str, repo: str) -> bool:
+        try:
+            return self.registry.repository(RepoRef(domain, repo)).anonymous_read
+        except NotFound:
+            return False  # answered as a repository without anonymous reads: a 401, not a 404
+
+    async def authenticate(self, request: web.Request, client: str | None = None) -> Token | None:
+        """The caller's token, None without a credential; 401 for a bad one, 429 for a client
+        that failed too often (checked before the credential is looked at)."""
+        client = self.client_address(request) if client is None else client
+        headers = request.headers
+        if hdrs.AUTHORIZATION in headers or "X-NuGet-ApiKey" in headers:
+            self.failures.check(client)
+        try:
+            secret = credential(headers)
+            if secret is None:
+                return None
+            if self._admin_secret and hmac.compare_digest(secret.encode(), self._admin_secret.encode()):
+                return self.bootstrap
+            return await self.tokens.verify(secret)
+        except Unauthorized:
+            self.failures.failed(client)
+            raise
 
     def client_address(self, request: web.Request) -> str:
+        """The peer, or behind a trusted proxy the address that proxy appended (the last entry
+        of ``X-Forwarded-For``; the ones before it are whatever the client sent)."""
         if self._trust_forwarded and (forwarded := request.headers.get("X-Forwarded-For")):
-            return forwarded.split(",")[0].strip()
+            return forwarded.rsplit(",", 1)[-1].strip()
         return request.remote or ""
 
 
@@ -183,7 +260,10 @@ def credential(headers: Mapping[str, str]) -> str | None:
                 raise unauthenticated("malformed Basic credentials") from None
             user, _, password = decoded.partition(":")
             return password or user or None
-        raise unauthenticated(f"unsupported authorization scheme {scheme!r} (use Basic or Bearer)")
+        # Named only when it looks like a scheme: a client that sends a bare token as the
+        # header would otherwise see (and log, and audit) it echoed back.
+        named = f" {scheme!r}" if scheme.isalpha() and len(scheme) <= 16 else ""
+        raise unauthenticated(f"unsupported authorization scheme{named} (use Basic or Bearer)")
     key = headers.get("X-NuGet-ApiKey")
     return key.strip() if key and key.strip() else None
 

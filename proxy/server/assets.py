@@ -55,25 +55,13 @@ class BlobFileResponse(web.FileResponse):
             return await super()._sendfile(request, fobj, offset, count)
         writer = await web.StreamResponse.prepare(self, request)
         assert writer is not None and transport is not None
-        send_headers = getattr(writer, "send_headers", None)
-        if send_headers is not None:
-            send_headers()
-        await writer.drain()
-        for _ in range(1000):  # the headers must be on the wire before the body bypasses them
-            if transport.get_write_buffer_size() == 0:
-                break
-            await asyncio.sleep(0.001)
-        loop = asyncio.get_running_loop()
-        cork = getattr(socket, "TCP_CORK", None)
-        if cork is not None:  # full segments while the file streams (nginx's tcp_nopush)
-            sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+        await _flush_headers(writer, transport)
+        cork = _cork(sock, True)
         try:
-            await loop.run_in_executor(
-                self._executor, _sendfile_blocking, sock.fileno(), fobj.fileno(), offset, count
-            )
+            await _sendfile_span(self._executor, sock, fobj.fileno(), offset, count)
         finally:
-            if cork is not None and not transport.is_closing():
-                sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
+            if cork and not transport.is_closing():
+                _cork(sock, False)
         if hasattr(writer, "buffer_size"):  # the access log's byte count (bypassed by sendfile)
             writer.buffer_size += count
         await web.StreamResponse.write_eof(self)
@@ -88,21 +76,67 @@ class BlobFileResponse(web.FileResponse):
         web.FileResponse.etag.fset(self, self._digest_etag)  # type: ignore[attr-defined]
 
 
+async def _flush_headers(writer: AbstractStreamWriter, transport: asyncio.Transport) -> None:
+    """Put the response head on the wire: the body that follows bypasses the transport."""
+    send_headers = getattr(writer, "send_headers", None)
+    if send_headers is not None:
+        send_headers()
+    await writer.drain()
+    for _ in range(1000):
+        if transport.get_write_buffer_size() == 0:
+            break
+        await asyncio.sleep(0.001)
+
+
+def _cork(sock: socket.socket, on: bool) -> bool:
+    """TCP_CORK on or off (full segments while a file streams: nginx's tcp_nopush)."""
+    cork = getattr(socket, "TCP_CORK", None)
+    if cork is None:
+        return False
+    sock.setsockopt(socket.IPPROTO_TCP, cork, 1 if on else 0)
+    return True
+
+
+async def _sendfile_span(executor: Executor, sock: socket.socket, fd: int, offset: int, count: int) -> None:
+    """``count`` bytes of file ``fd`` from ``offset`` into the client's socket, from a thread.
+
+    The thread gets descriptors of its own, and closes them itself when it ends: if the client
+    hangs up, the loop closes its descriptor (and a cancelled await would not wait for the
+    thread), so a number shared with the loop could be reused by another connection or file
+    before the thread's next sendfile. The same for the file, which its owner may close.
+    """
+    sock_fd = os.dup(sock.fileno())
+    try:
+        file_fd = os.dup(fd)
+    except OSError:
+        os.close(sock_fd)
+        raise
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(executor, _sendfile_blocking, sock_fd, file_fd, offset, count)
+
+
 def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
-    """Copy ``count`` bytes from a file to a non-blocking socket, in a worker thread."""
-    poller = select.poll()
-    poller.register(sock_fd, select.POLLOUT)
-    while count > 0:
-        try:
-            sent = os.sendfile(sock_fd, file_fd, offset, min(count, SENDFILE_CHUNK))
-        except BlockingIOError:
-            if not poller.poll(SENDFILE_IDLE_MS):
-                raise TimeoutError("client stopped reading") from None
-            continue
-        if sent == 0:
-            raise ConnectionResetError("file ended early or peer closed")
-        offset += sent
-        count -= sent
+    """Copy ``count`` bytes from a file to a non-blocking socket, in a worker thread.
+
+    Both descriptors are the thread's own duplicates, closed here whatever happens.
+    """
+    try:
+        poller = select.poll()
+        poller.register(sock_fd, select.POLLOUT)
+        while count > 0:
+            try:
+                sent = os.sendfile(sock_fd, file_fd, offset, min(count, SENDFILE_CHUNK))
+            except BlockingIOError:
+                if not poller.poll(SENDFILE_IDLE_MS):
+                    raise TimeoutError("client stopped reading") from None
+                continue
+            if sent == 0:
+                raise ConnectionResetError("file ended early or peer closed")
+            offset += sent
+            count -= sent
+    finally:
+        os.close(sock_fd)
+        os.close(file_fd)
 
 
 class PlainBlobResponse(web.StreamResponse):
@@ -178,6 +212,8 @@ def _etag_matches(request: web.Request, etag: str) -> bool:
 
 def _common_headers(response: web.StreamResponse, status: CacheStatus, content_type: str) -> None:
     response.headers["X-Cache"] = status.value
+    # The registry's type, never a browser's guess: an artifact that looks like HTML stays a file.
+    response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers[hdrs.CACHE_CONTROL] = IMMUTABLE
     response.content_type = content_type.split(";")[0]
     if "charset=" in content_type:
@@ -227,7 +263,14 @@ class AssetSender:
         assert flight is not None
         try:
             await flight.started()  # a failure before the first byte is an ordinary error response
-            if request.method == hdrs.METH_HEAD or handle.entry is None:
+            # Not attached: another worker process committed it, so it is sent like a hit.
+            # An empty body is complete with its headers, before any check: wait for the check.
+            if (
+                request.method == hdrs.METH_HEAD
+                or handle.entry is None
+                or not flight.attached
+                or flight.expected_size == 0
+            ):
                 info = await flight.result()
                 return self.blob(request, info.digest, flight.content_type, CacheStatus.MISS)
             return await self._stream(request, handle)
@@ -243,8 +286,27 @@ class AssetSender:
             response.content_length = flight.expected_size
         if handle.entry.sha256:
             response.headers[hdrs.ETAG] = f'"{handle.entry.sha256}"'
-        await response.prepare(request)
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        fd = flight.plain_fd
+        writer = await response.prepare(request)
         try:
+            if self._executor is not None and sock is not None and fd is not None and flight.expected_size:
+                # Straight from the staging file to the socket: a hundred clients of one cold
+                # download hold no copies of it (peak RSS stays flat, whatever the file's size).
+                assert writer is not None and transport is not None
+                await _flush_headers(writer, transport)
+                cork = _cork(sock, True)
+                try:
+                    async for offset, count in flight.spans():
+                        await _sendfile_span(self._executor, sock, fd, offset, count)
+                finally:
+                    if cork and not transport.is_closing():
+                        _cork(sock, False)
+                if hasattr(writer, "buffer_size"):  # the access log's byte count
+                    writer.buffer_size += flight.expected_size
+                await response.write_eof()
+                return response
             async for chunk in flight.stream():
                 await response.write(chunk)
         except ConnectionError as exc:

@@ -63,10 +63,19 @@ class SecurityRoutes:
 
     def _require_admin(self, request: web.Request, domain: str | None) -> Token:
         caller = self._caller(request)
+        where = f"domain {domain}" if domain else "this proxy"
         if not caller.allows(domain, None, "admin"):
-            where = f"domain {domain}" if domain else "this proxy"
             raise Forbidden(
                 f"token {caller.id} ({caller.principal}) does not have the admin permission on {where}",
+                detail={"permission": "admin", "token_id": caller.id},
+            )
+        # The domain's policy has the last word here too, as in the access middleware: else a
+        # principal whose admin a policy took away could still mint tokens, for any principal.
+        if caller is not self.access.bootstrap and not self.policies.permits(
+            caller.principal, domain, None, "admin"
+        ):
+            raise Forbidden(
+                f"the access policy of {where} does not give {caller.principal} the admin permission",
                 detail={"permission": "admin", "token_id": caller.id},
             )
         return caller

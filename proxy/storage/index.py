@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ from pathlib import Path
 import aiosqlite
 
 from proxy.model import AssetRecord, Digest, RepoRef
+from proxy.storage.generation import Generation
+
+BUSY_TIMEOUT = 5.0  # seconds a write waits for another process's write to finish
 
 _ASSET_COLUMNS = (
     "domain, repository, format, package, filename, version, digest, size, content_type, "
@@ -75,8 +80,10 @@ def _migrations() -> list[tuple[int, str]]:
 class Index:
     """Typed queries over the index; the only code that writes SQL."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, generation: Generation | None = None) -> None:
         self.path = path
+        # Bumped after every commit other processes must see at once (storage/generation.py).
+        self.generation = generation
         self._conn: aiosqlite.Connection | None = None
         # One connection is shared by every coroutine: writes take turns, so one coroutine's
         # transaction never swallows (or rolls back) another's statements.
@@ -87,20 +94,54 @@ class Index:
         """The shared connection, for the other query modules of ``storage/`` (catalog.py)."""
         return self._db
 
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """A write transaction (BEGIN IMMEDIATE … COMMIT), one at a time across the app."""
-        return self._transaction()
+    def transaction(self, *, shared: bool = True) -> contextlib.AbstractAsyncContextManager[None]:
+        """A write transaction (BEGIN IMMEDIATE … COMMIT), one at a time across the app.
+
+        ``shared=False`` for writes no other process keeps a view of (audit records, access
+        times, cached upstream documents): they do not bump the change counter, so they do not
+        make every worker drop its caches.
+        """
+        return self._transaction(shared=shared)
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
+    async def _transaction(self, *, shared: bool = True) -> AsyncIterator[None]:
         async with self._write_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+            await self._begin()
             try:
                 yield
             except BaseException:
                 await self._db.execute("ROLLBACK")
                 raise
-            await self._db.execute("COMMIT")
+            try:
+                await self._db.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that fails (a full disk, an I/O error) may leave the transaction
+                # open; SQLite's advice is an explicit ROLLBACK, so the connection is usable.
+                with contextlib.suppress(Exception):
+                    await self._db.execute("ROLLBACK")
+                raise
+            if shared and self.generation is not None and self.generation.is_open:
+                await asyncio.to_thread(self.generation.bump)
+
+    async def _begin(self) -> None:
+        """BEGIN IMMEDIATE, tried again while SQLite says "locked", up to the busy timeout.
+
+        The busy timeout does not cover one case: another coroutine's statement still open on
+        this shared connection holds a read snapshot that another process (the CLI, another
+        worker) has since outdated; SQLite then fails at once rather than wait. That clears as
+        soon as the statement ends, so a short wait and a retry is all it takes.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        delay = 0.002
+        while True:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     @property
     def _db(self) -> aiosqlite.Connection:
@@ -110,10 +151,17 @@ class Index:
 
     async def open(self) -> None:
         """Connect, set WAL and durability, and migrate the schema to the newest version."""
+        if self.generation is not None:
+            try:
+                await asyncio.to_thread(self.generation.open)
+            except OSError as exc:  # e.g. a read-only data directory opened by the CLI
+                logging.getLogger("proxy.index").warning(
+                    "no change counter (%s): changes made here are not announced to running workers", exc
+                )
         self._conn = await aiosqlite.connect(self.path, isolation_level=None)
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
-        await self._db.execute("PRAGMA busy_timeout=5000")
+        await self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._migrate()
 
@@ -121,6 +169,8 @@ class Index:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()
+        if self.generation is not None:
+            self.generation.close()
 
     async def _migrate(self) -> None:
         async with self._db.execute("PRAGMA user_version") as cur:
@@ -191,10 +241,13 @@ class Index:
 
         Returns the rows that already existed with a *different* digest: a cached or published
         ``name@version`` never changes bytes, so such a conflict is reported, never followed.
+        Rows of cache fills alone do not bump the change counter: other workers find them in the
+        index when they look, and need not drop their caches for them.
         """
         conflicts: list[AssetRecord] = []
         now = time.time()
-        async with self._transaction():
+        records = list(records)
+        async with self._transaction(shared=any(rec.hosted for rec in records)):
             for rec in records:
                 existing = await self.get_asset(rec.repo, rec.format, rec.package, rec.filename)
                 if existing is not None:
@@ -217,12 +270,30 @@ class Index:
         """Record last access for a batch of assets (flushed periodically, not per request)."""
         rows = [(when, k[0].domain, k[0].repository, k[1], k[2], k[3]) for k in keys]
         if rows:
-            async with self._transaction():
+            async with self._transaction(shared=False):
                 await self._db.executemany(
                     "UPDATE assets SET last_accessed=? WHERE domain=? AND repository=? "
                     "AND format=? AND package=? AND filename=?",
                     rows,
                 )
+
+    async def origin_digest(self, upstream: str, url: str) -> Digest | None:
+        """The digest some repository stored for ``url`` of ``upstream`` (cross-process
+        single-flight asks after waiting for another worker's download; rare, so unindexed)."""
+        sql = "SELECT digest FROM assets WHERE upstream=? AND origin_url=? LIMIT 1"
+        async with self._db.execute(sql, (upstream, url)) as cur:
+            row = await cur.fetchone()
+        return Digest(str(row[0])) if row else None
+
+    async def drop_cached_digest(self, digest: Digest) -> list[AssetRecord]:
+        """Remove every cached (not hosted) row of a blob found damaged, so it is fetched again;
+        returns the removed rows."""
+        sql = f"SELECT {_ASSET_COLUMNS} FROM assets WHERE digest=? AND hosted=0"
+        async with self._transaction():
+            async with self._db.execute(sql, (digest.hex,)) as cur:
+                rows = [_asset(r) for r in await cur.fetchall()]
+            await self._db.execute("DELETE FROM assets WHERE digest=? AND hosted=0", (digest.hex,))
+        return rows
 
     async def digest_in_use(self, digest: Digest) -> bool:
         async with self._db.execute("SELECT 1 FROM assets WHERE digest=? LIMIT 1", (digest.hex,)) as cur:
@@ -253,7 +324,7 @@ class Index:
         )
 
     async def put_document(self, doc: DocumentRow) -> None:
-        async with self._transaction():
+        async with self._transaction(shared=False):
             await self._db.execute(
                 "INSERT OR REPLACE INTO documents (upstream, doc_key, url, body, content_type, etag, "
                 "last_modified, serial, fetched_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -275,7 +346,7 @@ class Index:
             )
 
     async def renew_document(self, upstream: str, key: str, fetched_at: float, expires_at: float) -> None:
-        async with self._transaction():
+        async with self._transaction(shared=False):
             await self._db.execute(
                 "UPDATE documents SET fetched_at=?, expires_at=? WHERE upstream=? AND doc_key=?",
                 (fetched_at, expires_at, upstream, key),
@@ -289,7 +360,7 @@ class Index:
         return float(row[0]) if row else None
 
     async def put_negative(self, upstream: str, key: str, expires_at: float) -> None:
-        async with self._transaction():
+        async with self._transaction(shared=False):
             await self._db.execute(
                 "INSERT OR REPLACE INTO negative_cache (upstream, doc_key, expires_at) VALUES (?,?,?)",
                 (upstream, key, expires_at),

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import fnmatch
 import ipaddress
 import logging
+import math
 import random
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -39,6 +42,12 @@ USER_AGENT = f"artifact-proxy/{__version__}"
 
 class BlockedTarget(UpstreamUnavailable):
     """A URL outside what this connection may contact."""
+
+
+class InternalAddress(OSError):
+    """A host that resolved only to internal addresses: a refusal, not an upstream failure (it
+    must neither be retried nor count towards the breaker, or a hostile document could open the
+    circuit of the real upstream)."""
 
 
 # Addresses that reach the inside of a network: loopback, private, shared (CGNAT), link-local
@@ -89,7 +98,7 @@ class GuardedResolver(AbstractResolver):
             return results
         public = [r for r in results if _is_public(r["host"])]
         if not public:
-            raise OSError(f"{host} resolves only to non-public addresses; refusing to connect")
+            raise InternalAddress(f"{host} resolves only to non-public addresses; refusing to connect")
         return public
 
     async def close(self) -> None:
@@ -244,6 +253,18 @@ class UpstreamClient:
                 last_error.__cause__ = exc
                 continue
             except (aiohttp.ClientError, OSError) as exc:
+                # A target refused after DNS, or a URL that cannot be fetched at all (127.1,
+                # 0177.0.0.1): what a document named, not an outage of the upstream.
+                internal = isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                    exc.os_error, InternalAddress
+                )
+                if internal or isinstance(exc, aiohttp.InvalidURL):
+                    self.breaker.record_success()
+                    recorded = True
+                    raise BlockedTarget(
+                        f"upstream {self.name}: refusing {url}: {_describe(exc)}",
+                        detail={"upstream": self.name},
+                    ) from None
                 self.breaker.record_failure()
                 recorded = True
                 last_error = UpstreamUnavailable(
@@ -314,8 +335,13 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         assert self._session is not None
         reauthorized = False
+        previous_scheme = urlsplit(url).scheme
         for _ in range(MAX_REDIRECTS + 2):
             self.check_target(url)
+            scheme = urlsplit(url).scheme
+            if previous_scheme == "https" and scheme != "https":
+                raise BlockedTarget(f"upstream {self.name}: refusing a redirect from https to {url!r}")
+            previous_scheme = scheme
             hop_headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             authorization = await self._authorization(url)
             if authorization is not None:
@@ -351,12 +377,20 @@ def _ignore(upstream: str, outcome: str, seconds: float | None) -> None:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After``: delta seconds or an HTTP-date (RFC 9110 10.2.3)."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC, as HTTP-dates are
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _describe(exc: BaseException) -> str:

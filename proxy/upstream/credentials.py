@@ -32,12 +32,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode, urlsplit
 
 import aiohttp
 
 from proxy.config import CredentialsConfig
 from proxy.errors import UpstreamUnavailable
+from proxy.upstream.discovery import (
+    NPM_REGISTRY,
+    PIP_INDEX_URL,
+    DiscoveryError,
+    npm_registry_url,
+    pip_index_url,
+)
 from proxy.upstream.sigv4 import load_credentials, sign
 
 log = logging.getLogger("proxy.credentials")
@@ -98,6 +105,13 @@ class StaticSecret(CredentialProvider):
 
     async def current(self) -> Credential:
         secret_file = self._config.secret_file
+        if self._config.secret_from_url is not None:
+            if self._cached is None:
+                secret = await asyncio.to_thread(
+                    self._password_in_discovered_url, self._config.secret_from_url
+                )
+                self._cached = (0.0, self._credential(secret))
+            return self._cached[1]
         if secret_file is None:
             if self._cached is None:
                 self._cached = (0.0, self._credential(self._env.get(self._config.secret_env or "", "")))
@@ -122,6 +136,16 @@ class StaticSecret(CredentialProvider):
 
     def invalidate(self) -> None:
         self._checked = 0.0  # look at the file again at once
+        if self._config.secret_from_url is not None:
+            self._cached = None  # and at pip's setup: its login may have written a new token
+
+    def _password_in_discovered_url(self, key: str) -> str:
+        """The password of the URL pip's (or npm's) setup names, read again (files: in a thread)."""
+        discover = {PIP_INDEX_URL: pip_index_url, NPM_REGISTRY: npm_registry_url}[key]
+        try:
+            return unquote(urlsplit(discover(self._env)).password or "")
+        except DiscoveryError:
+            return ""
 
     def _credential(self, secret: str) -> Credential:
         if not secret:

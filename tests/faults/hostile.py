@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import struct
 from collections import Counter
@@ -303,5 +304,220 @@ def reset() -> Rule:
     async def rule(ex: Exchange) -> bool:
         ex.reset()
         return False
+
+    return rule
+
+
+def decoded() -> Rule:
+    """Relay a gzipped answer decompressed, with the backend's origin rewritten in it.
+
+    The relay leaves ``Content-Encoding: gzip`` bodies alone, so links inside them (nuget.org's
+    gzip-only registration hives) would send the proxy straight to the backend, past every rule.
+    """
+
+    async def rule(ex: Exchange) -> bool:
+        r = await ex.relay()
+        body = r.body
+        if (r.header("content-encoding") or "").lower() == "gzip":
+            body = gzip.decompress(body).replace(
+                ex.upstream.backend_origin.encode(), ex.upstream.origin.encode()
+            )
+        await ex.reply(r.status, r.without("content-encoding"), body)
+        return True
+
+    return rule
+
+
+def endless(
+    *,
+    status: int = 200,
+    headers: list[tuple[str, str]] | None = None,
+    declare_length: int | None = None,
+    chunk: bytes = bytes(64 * 1024),
+    cap: int = 2**30,
+    sent: Counter[str] | None = None,
+) -> Rule:
+    """A body that does not stop: ``chunk`` after ``chunk`` (under ``Content-Length:
+    declare_length``, or chunked when None) until the reader hangs up or ``cap`` bytes are out.
+
+    Generated as it goes, never held, so a test can offer gigabytes; ``sent[path]`` counts the
+    body bytes that left, which shows whether the reader stopped early or swallowed it all.
+    """
+
+    async def rule(ex: Exchange) -> bool:
+        head = list(headers or [("Content-Type", "application/octet-stream")])
+        if declare_length is not None:
+            head.append(("Content-Length", str(declare_length)))
+            cap_here = min(cap, declare_length)
+        else:
+            head.append(("Transfer-Encoding", "chunked"))
+            cap_here = cap
+        await ex.send_head(status, head)
+        out = 0
+        try:
+            while out < cap_here:
+                piece = chunk[: cap_here - out]
+                frame = (
+                    piece if declare_length is not None else f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+                )
+                await ex.send(frame)
+                out += len(piece)
+                if sent is not None:
+                    sent[ex.path] += len(piece)
+        except ConnectionError:
+            return False
+        ex.close()
+        return False
+
+    return rule
+
+
+def header_flood(
+    *, line: bytes = b"X-Flood: " + b"a" * 64, cap: int = 2**26, sent: Counter[str] | None = None
+) -> Rule:
+    """A status line, then header lines that never end (``line`` again and again, CRLF each)
+    until the reader hangs up or ``cap`` bytes are out; an empty ``line`` sends one header whose
+    value never ends instead. ``sent[path]`` counts the bytes that left."""
+
+    async def rule(ex: Exchange) -> bool:
+        await ex.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n")
+        piece = line + b"\r\n" if line else b"a" * 4096
+        if not line:
+            await ex.send(b"X-Endless: ")
+        out = 0
+        try:
+            while out < cap:
+                await ex.send(piece * 16)
+                out += len(piece) * 16
+                if sent is not None:
+                    sent[ex.path] += len(piece) * 16
+        except ConnectionError:
+            return False
+        ex.close()
+        return False
+
+    return rule
+
+
+# ----------------------------------------------------------------------- availability (group 2)
+
+
+async def stop_listening(hostile: HostileUpstream) -> None:
+    """Close the listening socket and end every open connection: from now on connecting is
+    *refused* (nothing listens on the port), as with a crashed upstream."""
+    if hostile._server is not None:
+        hostile._server.close()
+        hostile._server = None
+    tasks = list(hostile._tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def resume_listening(hostile: HostileUpstream) -> None:
+    """Listen again on the same port (after :func:`stop_listening`), so configured URLs work."""
+    if hostile._server is None:
+        hostile._server = await asyncio.start_server(
+            hostile._connection, "127.0.0.1", hostile._port, limit=2**20
+        )
+
+
+def passthrough() -> Rule:
+    """Relay unchanged (for rules that misbehave only some of the time)."""
+
+    async def rule(ex: Exchange) -> bool:
+        r = await ex.relay()
+        await ex.reply(r.status, r.headers, r.body)
+        return True
+
+    return rule
+
+
+def stalled(*, keep: float = 0.5) -> Rule:
+    """Relay the head (with the full Content-Length) and ``keep`` of the body, then go silent
+    with the connection open: a transfer that stalls midway and never ends by itself. Conditional
+    headers are dropped, so a revalidation gets a body to stall in too."""
+
+    async def rule(ex: Exchange) -> bool:
+        drop_conditionals(ex)
+        r = await ex.relay()
+        await ex.send_head(
+            r.status,
+            [*r.without("content-length", "transfer-encoding"), ("Content-Length", str(len(r.body)))],
+        )
+        await ex.send(r.body[: int(len(r.body) * keep)])
+        await ex.hang()
+        return False
+
+    return rule
+
+
+def gzipped() -> Rule:
+    """Relay the full answer gzip-compressed but *without* ``Content-Encoding`` (a misconfigured
+    CDN): the bytes are no longer the document their Content-Type claims. Conditional headers
+    are dropped so there is always a body to compress."""
+
+    async def rule(ex: Exchange) -> bool:
+        drop_conditionals(ex)
+        r = await ex.relay()
+        await ex.reply(r.status, r.without("content-encoding", "etag"), gzip.compress(r.body))
+        return True
+
+    return rule
+
+
+def limited(retry_after: Callable[[], str], *, times: int | None = None) -> Rule:
+    """Answer 429 Too Many Requests with ``Retry-After: retry_after()`` (delta seconds or an
+    HTTP-date, computed per request) to the first ``times`` requests (None: to all), then relay."""
+    left = [times]
+
+    async def rule(ex: Exchange) -> bool:
+        if left[0] is not None:
+            if left[0] <= 0:
+                return await passthrough()(ex)
+            left[0] -= 1
+        body = b'{"error": "too many requests"}'
+        await ex.reply(429, [("Content-Type", "application/json"), ("Retry-After", retry_after())], body)
+        return True
+
+    return rule
+
+
+def flapping(down: Rule, *, period: int = 1) -> Rule:
+    """Alternate across requests: ``period`` answered by ``down``, then ``period`` relayed, ..."""
+    seen = [0]
+
+    async def rule(ex: Exchange) -> bool:
+        turn = seen[0] // period
+        seen[0] += 1
+        if turn % 2 == 0:
+            return await down(ex)
+        return await passthrough()(ex)
+
+    return rule
+
+
+def timed(inner: Rule, stamps: list[float]) -> Rule:
+    """``inner``, noting when each request arrived (the event loop's clock, ``loop.time()``)."""
+
+    async def rule(ex: Exchange) -> bool:
+        stamps.append(asyncio.get_running_loop().time())
+        return await inner(ex)
+
+    return rule
+
+
+def drop_conditionals(ex: Exchange) -> None:
+    """Forget the request's validators, so the backend answers 200 with a body, never a 304."""
+    for name in [k for k in ex.headers if k.lower() in ("if-none-match", "if-modified-since")]:
+        del ex.headers[name]
+
+
+def unconditional(inner: Rule) -> Rule:
+    """``inner`` on a request without validators (a fault that needs a body to act on)."""
+
+    async def rule(ex: Exchange) -> bool:
+        drop_conditionals(ex)
+        return await inner(ex)
 
     return rule
