@@ -115,7 +115,9 @@ def build_services(
     index = Index(data_dir / "index.sqlite3", Generation(data_dir / "generation"))
     sealer = build_sealer(config.server, os.environ)
     blobs = LocalBlobStore(data_dir / "blobs", sealer)
-    staging = StagingArea(data_dir / "tmp", sealer)
+    # A worker stages in a directory of its own, which it clears when it (re)starts: the
+    # supervisor restarts a worker that died, and its leftovers go with it.
+    staging = StagingArea(data_dir / "tmp" / (f"worker-{worker.index}" if worker else ""), sealer)
     page_files = PageFiles(data_dir / "pages" / (f"worker-{worker.index}" if worker else ""))
     hot = HotCache(
         config.server.hot_cache_entries, config.server.memory_cache_size, on_page_drop=page_files.retire
@@ -131,7 +133,7 @@ def build_services(
     server = config.server
     # A worker waits for another's download at most as long as that download may take.
     flights = (
-        FlightGroup(KeyLocks(data_dir / "locks"), server.asset_timeout + 30, staging.root)
+        FlightGroup(KeyLocks(data_dir / "locks"), server.asset_timeout + 30, data_dir / "tmp")
         if worker
         else FlightGroup()
     )
@@ -296,8 +298,7 @@ def build_app(
     app.on_startup.append(index_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # A worker must not clear tmp/: other workers' downloads are in it.
-        removed = await asyncio.to_thread(_prepare_dirs, staging, blobs, services.page_files, worker is None)
+        removed = await asyncio.to_thread(_prepare_dirs, staging, blobs, services.page_files)
         if removed:
             log.info("removed %d leftover temp files from an earlier run", removed)
         await index.open()
@@ -401,12 +402,9 @@ def _read_secret(path: Path) -> str:
     return secret
 
 
-def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, page_files: PageFiles, repair: bool) -> int:
+def _prepare_dirs(staging: StagingArea, blobs: LocalBlobStore, page_files: PageFiles) -> int:
     blobs.prepare()
     page_files.prepare()
-    if not repair:
-        staging.root.mkdir(parents=True, exist_ok=True)
-        return 0
     return staging.prepare()
 
 

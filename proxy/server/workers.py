@@ -146,9 +146,7 @@ async def _prepare(config: Config) -> None:
     from proxy.storage.locks import KeyLocks
 
     services = build_services(config, upstreams=False)
-    removed = await asyncio.to_thread(
-        _prepare_dirs, services.staging, services.blobs, services.page_files, True
-    )
+    removed = await asyncio.to_thread(_prepare_dirs, services.staging, services.blobs, services.page_files)
     if removed:
         log.info("removed %d leftover temp files from an earlier run", removed)
     await asyncio.to_thread(KeyLocks(config.server.data_dir / "locks").prepare)

@@ -251,12 +251,17 @@ class StagingArea:
         self.sealer = sealer
 
     def prepare(self) -> int:
-        """Create the directory and remove leftovers of a crash; returns how many were removed."""
+        """Create the directory and remove leftovers of a crash; returns how many were removed.
+
+        Leftovers in subdirectories go too: those are the workers' own staging directories
+        (``tmp/worker-N``) when this is the whole ``tmp/`` of a single process or a supervisor.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         removed = 0
         for leftover in self.root.iterdir():
-            if leftover.is_file() or leftover.is_symlink():
-                leftover.unlink(missing_ok=True)
+            if leftover.is_dir() and not leftover.is_symlink():
+                removed += sum(1 for p in leftover.iterdir() if p.is_file() and _unlinked(p))
+            elif _unlinked(leftover):
                 removed += 1
         return removed
 
@@ -278,3 +283,12 @@ class StagingArea:
     def open_plain(self, staged: StagedBlob) -> BinaryIO:
         """A staged file's plaintext, for checking an upload's contents (blocking)."""
         return open_plain(staged.path, self.sealer)
+
+
+def _unlinked(path: Path) -> bool:
+    """Remove a leftover file (or link); False when it was already gone."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

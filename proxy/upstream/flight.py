@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ from proxy.storage.staging import FileReader, Progress, StagedWriter
 log = logging.getLogger("proxy.flight")
 
 READ_CHUNK = 1024 * 1024
+# What another worker may announce: its staging directory and a temp file's name in it, nothing
+# that could point elsewhere.
+WORKER_DIR = re.compile(r"worker-[0-9]{1,4}")
+TEMP_NAME = re.compile(r"[0-9a-f]{32}\.part")
 
 Fetch = Callable[["Flight"], Awaitable[BlobInfo]]
 OnCommit = Callable[[BlobInfo], Awaitable[None]]
@@ -74,7 +79,12 @@ class Flight:
         self.expected_size = size
         self._started.set()
         if self._held is not None and self._reader.plain:
-            note = {"file": writer.path.name, "size": size, "type": content_type}
+            # Relative to tmp/: each worker stages in its own tmp/worker-N.
+            note = {
+                "file": f"{writer.path.parent.name}/{writer.path.name}",
+                "size": size,
+                "type": content_type,
+            }
             await self._held.announce(json.dumps(note).encode())
 
     def follow(self, reader: FileReader, content_type: str, size: int | None) -> None:
@@ -306,10 +316,15 @@ class FlightGroup:
             name, size, ctype = str(note["file"]), note["size"], str(note["type"])
         except (ValueError, KeyError, TypeError):
             return  # nothing announced yet (or caught mid-write): look again next time
-        if Path(name).name != name or not name or (size is not None and not isinstance(size, int)):
+        folder, _, file = name.partition("/")
+        if not WORKER_DIR.fullmatch(folder) or not TEMP_NAME.fullmatch(file):
+            return
+        if size is not None and not isinstance(size, int):
             return
         try:
-            fd = await asyncio.to_thread(os.open, self._staging_root / name, os.O_RDONLY | os.O_CLOEXEC)
+            fd = await asyncio.to_thread(
+                os.open, self._staging_root / folder / file, os.O_RDONLY | os.O_CLOEXEC
+            )
         except OSError:
             return  # already committed or given up: the lock tells which, soon
         flight.follow(FileReader(fd, None), ctype, size)

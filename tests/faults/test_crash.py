@@ -537,9 +537,9 @@ async def test_sigkill_of_workers_alone_is_repaired_live(lab: Lab, faults: Group
         await asyncio.sleep(0.05)
     await lab.proxy.wait_ready()
     found = await asyncio.to_thread(scan, lab.proxy.data_dir)
-    # (found.leftovers is not checked here: a worker must not clear tmp/, which all workers share,
-    # so a dead worker's temp file stays, unreachable, until the next start of the service.)
+    # A restarted worker clears its own staging directory (tmp/worker-N): no leftover stays.
     broken = found.bad_rows + found.bad_blobs + ([] if found.integrity == "ok" else [found.integrity])
+    broken += [p for p in found.leftovers if p.startswith("tmp/")]
     faults.zero("partial_commits", len(broken), f"after the workers' deaths: {broken}")
     # A dead worker's lock (flock) is released by the kernel: the key is fetched again at once.
     status, got = await asyncio.wait_for(fetch(lab.http, url), 30)
