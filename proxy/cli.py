@@ -14,6 +14,7 @@ import logging
 import os
 import ssl
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -131,6 +132,13 @@ def serve(
             # A SIGTERM that lands while the app is still starting ends run_app before the
             # cleanup that closes the index, and its SQLite thread would keep the process
             # alive forever; a worker has nothing left to do once run_app returns.
+            logging.shutdown()
+            os._exit(status)
+        elif any(
+            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()
+        ):
+            # The same for a single process stopped while starting: nothing else would end it.
+            log.warning("stopped while starting: exiting without waiting for the index thread")
             logging.shutdown()
             os._exit(status)
     return status
