@@ -18,10 +18,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from proxy.model import Digest
 from proxy.storage.staging import StagedBlob
+
+# Where a blob is: a file on this node's disk, only in the object store (served by a redirect),
+# or nowhere. The local backend always answers "local" (its existence check is the hit's own).
+Location = Literal["local", "remote", "missing"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,4 +57,21 @@ class BlobStore(Protocol):
 
     async def delete(self, digest: Digest) -> bool:
         """Remove a blob; True if it existed."""
+        ...
+
+    async def locate(self, digest: Digest, *, fetch: bool = True) -> Location:
+        """Where the blob is, bringing it to local disk first when the backend can and ``fetch``
+        (or its configuration) asks for it."""
+        ...
+
+    def presigned_url(self, digest: Digest) -> str | None:
+        """A short-lived URL a client may fetch the blob from instead of this node, or None."""
+        ...
+
+    async def inventory(self) -> dict[str, tuple[Path | None, int, float]]:
+        """Every stored blob: hex digest → (local file or None, bytes, modification time)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (shutdown)."""
         ...

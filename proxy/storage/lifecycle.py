@@ -8,6 +8,9 @@ written right after its rename), and a reader that already opened a blob keeps r
 the unlink (POSIX). The running proxy notices the index change within seconds and forgets what
 it kept in memory.
 
+With the S3 backend (storage/s3.py) the store is the bucket: gc measures and deletes objects
+there (and in this node's cache), verify downloads each object through the cache to hash it.
+
 ``verify`` re-hashes every blob's plaintext against its name and checks that every index row's
 blob exists; ``--repair`` moves corrupt blobs to ``quarantine/`` and removes the rows that point
 at corrupt or missing blobs, so cached files are fetched again (hosted ones are reported lost).
@@ -16,6 +19,7 @@ at corrupt or missing blobs, so cached files are fetched again (hosted ones are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy.errors import StorageCorrupt
+from proxy.model import Digest
 from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
 
@@ -48,22 +54,9 @@ class VerifyReport:
     hosted_lost: list[str] = field(default_factory=list)
 
 
-def _blob_files(blobs: LocalBlobStore) -> dict[str, tuple[Path, int, float]]:
-    """digest → (path, bytes on disk, mtime) of every blob file (blocking)."""
-    found = {}
-    for path in blobs.root.glob("*/*"):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue
-        if path.is_file():
-            found[path.name] = (path, st.st_size, st.st_mtime)
-    return found
-
-
 async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool = False) -> GcReport:
     """See the module docstring."""
-    files = await asyncio.to_thread(_blob_files, blobs)
+    files = await blobs.inventory()
     usage = sum(size for _, size, _ in files.values())
     report = GcReport(budget=budget, before=usage, dry_run=dry_run)
     db = index.db
@@ -113,10 +106,9 @@ async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool 
         async with db.execute("SELECT 1 FROM assets WHERE digest=? LIMIT 1", (digest,)) as cur:
             if await cur.fetchone() is not None:
                 continue
-        path = files[digest][0]
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        await blobs.delete(Digest(digest))
         report.blobs_deleted += 1
-    report.after = sum(size for _, size, _ in (await asyncio.to_thread(_blob_files, blobs)).values())
+    report.after = sum(size for _, size, _ in (await blobs.inventory()).values())
     return report
 
 
@@ -125,9 +117,15 @@ async def verify(
 ) -> VerifyReport:
     """See the module docstring."""
     report = VerifyReport()
-    files = await asyncio.to_thread(_blob_files, blobs)
+    files = await blobs.inventory()
     for digest, (path, _, _) in sorted(files.items()):
-        ok = await asyncio.to_thread(_hash_matches, blobs, path, digest)
+        if path is None:  # in an object store only: checked through this node's cache
+            try:
+                await blobs.locate(Digest(digest))
+                path = blobs.local_path(Digest(digest))
+            except StorageCorrupt:
+                path = None
+        ok = path is not None and await asyncio.to_thread(_hash_matches, blobs, path, digest)
         report.checked += 1
         if not ok:
             report.corrupt.append(digest)
@@ -139,7 +137,9 @@ async def verify(
     quarantine = data_dir / "quarantine"
     for digest in report.corrupt:
         await asyncio.to_thread(quarantine.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(os.replace, files[digest][0], quarantine / digest)
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.replace, blobs.local_path(Digest(digest)), quarantine / digest)
+        await blobs.delete(Digest(digest))  # an object store's copy too
     bad = report.corrupt + report.missing
     async with index.transaction():
         for digest in bad:
@@ -172,7 +172,7 @@ async def stats(index: Index, blobs: LocalBlobStore) -> dict[str, Any]:
     )
     async with index.db.execute(sql) as cur:
         rows = await cur.fetchall()
-    files = await asyncio.to_thread(_blob_files, blobs)
+    files = await blobs.inventory()
     return {
         "repositories": [
             {
