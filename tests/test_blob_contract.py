@@ -9,6 +9,7 @@ fixed times: what real S3 would verify is then byte-for-byte what botocore would
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import hashlib
 import os
@@ -28,6 +29,7 @@ from proxy.errors import StorageCorrupt, StorageUnavailable
 from proxy.model import Digest
 from proxy.storage import s3 as s3_module
 from proxy.storage.blobs import BlobStore
+from proxy.storage.crypto import Sealer, StaticKeys
 from proxy.storage.local import LocalBlobStore
 from proxy.storage.memory import MemoryBlobStore
 from proxy.storage.s3 import S3BlobStore
@@ -178,7 +180,7 @@ async def test_delete(backend: Backend) -> None:
 async def _forget_cache(store: S3BlobStore, digest: Digest) -> None:
     """As if this node never had the blob: only the bucket has it."""
     await asyncio.to_thread(store.local_path(digest).unlink)
-    store._cached.pop(digest.hex, None)
+    store._forget(digest.hex)
 
 
 async def test_s3_layout_and_multipart(tmp_path: Path, moto: MotoServer) -> None:
@@ -356,6 +358,34 @@ async def test_s3_error_answers_are_domain_errors(tmp_path: Path, moto: MotoServ
             await store.put(staged)
         assert refused.value.status == 503 and refused.value.detail["code"] == "NoSuchBucket"
         assert not await asyncio.to_thread(store.local_path(staged.digest).exists)
+    finally:
+        await store.close()
+
+
+async def test_s3_sealed_blobs_stay_sealed_in_the_bucket(tmp_path: Path, moto: MotoServer) -> None:
+    sealer = Sealer(StaticKeys([base64.b64encode(os.urandom(32)).decode()], "test"))
+    bucket = f"b-{os.urandom(6).hex()}"
+    config = _s3_config(moto.endpoint, bucket, serve="redirect")
+    store = S3BlobStore(tmp_path / "blobs", tmp_path / "tmp" / "s3", config, FAKE_ENV, sealer)
+    await asyncio.to_thread(store.prepare)
+    await _bucket(store)
+    area = StagingArea(tmp_path / "tmp", sealer)
+    await asyncio.to_thread(area.prepare)
+    try:
+        payload = b"secret wheel bytes " * 5000
+        async with area.create(max_size=2**30) as writer:
+            await writer.write(payload)
+            info = await store.put(await writer.finish())
+        response = await store.client.request("GET", store.key(info.digest))
+        stored = await response.read()
+        response.release()
+        assert b"secret wheel bytes" not in stored and stored[:4] == b"APXE"  # the bucket sees sealed bytes
+        await _forget_cache(store, info.digest)
+        assert await store.stat(info.digest) == info  # the plaintext size, from the metadata
+        assert store.presigned_url(info.digest) is None, "sealed bytes are never handed to a client"
+        # so even a hit's check (fetch=False) brings it here, unsealed only to check its hash
+        assert await store.locate(info.digest, fetch=False) == "local"
+        assert b"".join([c async for c in store.open(info.digest, 7)]) == payload[7:]
     finally:
         await store.close()
 

@@ -8,6 +8,11 @@ On-disk layout of the local backend (``data/`` is the configured data directory)
     data/tmp/*.part             staging files; same file system, so a commit is one rename;
                                 removed at startup (they are what a crash leaves behind)
 
+The backend is chosen by ``[storage] backend`` from the table in storage/backends.py: ``local``
+(above) or ``s3`` (storage/s3.py: the bucket holds ``{prefix}sha256/{hex}``, and ``data/blobs/``
+is this node's bounded cache of it, same layout). ``memory`` (storage/memory.py) is for the
+contract tests only.
+
 Nothing but blob files lives under ``blobs/``: aiohttp's FileResponse would happily serve a
 ``.gz`` sibling, and names from clients or upstreams never become paths (blobs are addressed by
 hash only).

@@ -297,7 +297,14 @@ class S3BlobStore(LocalBlobStore):
         self._tmp = tmp
         self._prefix = f"{config.prefix}sha256/"
         self._cached: OrderedDict[str, tuple[int, float]] = OrderedDict()  # hex → (bytes, last use)
+        self._cache_total = 0
         self._filling: dict[str, asyncio.Future[None]] = {}
+
+    @property
+    def redirects(self) -> bool:
+        """Whether clients are sent to the bucket for blobs not cached here (never sealed ones:
+        only this node can unseal them)."""
+        return self.config.serve == "redirect" and self.sealer is None
 
     def key(self, digest: Digest | str) -> str:
         return self._prefix + (digest if isinstance(digest, str) else digest.hex)
@@ -318,14 +325,22 @@ class S3BlobStore(LocalBlobStore):
         self._cached.clear()
         for _, name, size in sorted(found):
             self._cached[name] = (size, 0.0)
+        self._cache_total = sum(size for size, _ in self._cached.values())
 
     @property
     def cache_bytes(self) -> int:
-        return sum(size for size, _ in self._cached.values())
+        """Bytes this process knows to be in the cache."""
+        return self._cache_total
 
     def _remember(self, hex_digest: str, size: int) -> None:
+        self._forget(hex_digest)
         self._cached[hex_digest] = (size, time.monotonic())
-        self._cached.move_to_end(hex_digest)
+        self._cache_total += size
+
+    def _forget(self, hex_digest: str) -> None:
+        known = self._cached.pop(hex_digest, None)
+        if known is not None:
+            self._cache_total -= known[0]
 
     async def _evict(self) -> None:
         """Drop least recently used files until the cache fits ``local_cache`` (see docstring)."""
@@ -341,7 +356,7 @@ class S3BlobStore(LocalBlobStore):
             if now - used < CACHE_GRACE:
                 continue
             doomed.append(hex_digest)
-            del self._cached[hex_digest]
+            self._forget(hex_digest)
             total -= size
         for hex_digest in doomed:
             path = self.local_path(Digest(hex_digest))
@@ -360,8 +375,8 @@ class S3BlobStore(LocalBlobStore):
         if size is not None:
             self._remember(digest.hex, size)
             return "local"
-        self._cached.pop(digest.hex, None)
-        if not fetch and self.config.serve == "redirect":
+        self._forget(digest.hex)
+        if not fetch and self.redirects:
             return "remote" if await self.client.head(self.key(digest)) is not None else "missing"
         return "local" if await self._fill(digest) else "missing"
 
@@ -496,12 +511,12 @@ class S3BlobStore(LocalBlobStore):
     async def delete(self, digest: Digest) -> bool:
         existed = await self.client.head(self.key(digest)) is not None
         await self.client.delete(self.key(digest))
-        self._cached.pop(digest.hex, None)
+        self._forget(digest.hex)
         return await super().delete(digest) or existed
 
     def presigned_url(self, digest: Digest) -> str | None:
         """With ``serve = "redirect"``, where a client fetches a blob this node has not cached."""
-        if self.config.serve != "redirect" or self.sealer is not None or digest.hex in self._cached:
+        if not self.redirects or digest.hex in self._cached:
             return None
         return self.client.presign(self.key(digest), int(self.config.redirect_expiry))
 
