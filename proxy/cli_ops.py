@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from proxy.config import ConfigError, parse_duration, parse_size
 from proxy.errors import BadRequest, ProxyError
 from proxy.model import Digest, RepoRef
@@ -155,7 +153,13 @@ def _key(env_name: str | None) -> bytes | None:
 
 
 def _progress(what: str) -> Callable[[int, int], None]:
-    """A progress bar on stderr (tqdm; nothing when stderr is not a terminal)."""
+    """A progress bar on stderr (tqdm; nothing when stderr is not a terminal).
+
+    tqdm is imported here, not with the module, so that ``serve`` processes do not hold it
+    (about 2 MB each); importing reads files, so async callers call this from a thread.
+    """
+    from tqdm import tqdm
+
     bar: tqdm[Any] | None = None
 
     def show(done: int, total: int) -> None:
@@ -178,9 +182,8 @@ async def _export(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[
     key = _key(args.sign_key_env)
     for asset in manifest["assets"]:  # on this node's disk first (an object store's blobs)
         await pipeline.blobs.locate(Digest(asset["digest"]))
-    await asyncio.to_thread(
-        bundle.write_bundle, args.bundle, manifest, bodies, pipeline.blobs, key, _progress("blobs")
-    )
+    progress = await asyncio.to_thread(_progress, "blobs")
+    await asyncio.to_thread(bundle.write_bundle, args.bundle, manifest, bodies, pipeline.blobs, key, progress)
     pipeline.audit.record(
         "export", domain=ref.domain, repository=ref.repository, detail={"bundle": str(args.bundle)}
     )
@@ -200,8 +203,9 @@ async def _import(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[
         staging = pipeline.publisher.staging
         await asyncio.to_thread(staging.root.mkdir, parents=True, exist_ok=True)  # a fresh data dir
         await asyncio.to_thread(pipeline.blobs.prepare)
+        progress = await asyncio.to_thread(_progress, "blobs")
         counts = await bundle.import_bundle(
-            args.bundle, manifest, pipeline.resolver.index, pipeline.blobs, staging, _progress("blobs")
+            args.bundle, manifest, pipeline.resolver.index, pipeline.blobs, staging, progress
         )
     except (bundle.BundleError, tarfile.TarError, OSError) as exc:
         raise ProxyError(f"{args.bundle} rejected: {exc}") from exc

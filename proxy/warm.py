@@ -19,10 +19,13 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
-from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 from proxy.formats.pypi_simple import normalize
 
@@ -199,6 +202,14 @@ class WarmResult:
     failed: list[str] = field(default_factory=list)
 
 
+def _bar(total: int) -> tqdm[Any]:
+    """A progress bar on stderr (nothing when it is not a terminal). tqdm is imported here, not
+    with the module, so ``serve`` processes do not hold it; importing reads files (a thread)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="pkg", desc="warm", file=sys.stderr, disable=None)
+
+
 async def warm(
     endpoint: str, domain: str, repo: str, pins: Iterable[Pin], *, token: str | None, concurrency: int = 8
 ) -> WarmResult:
@@ -208,7 +219,7 @@ async def warm(
     result = WarmResult()
     gate = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    bar = tqdm(total=len(todo), unit="pkg", desc="warm", file=sys.stderr, disable=None)
+    bar = await asyncio.to_thread(_bar, len(todo))
     async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=3600)) as http:
 
         async def one(pin: Pin) -> None:

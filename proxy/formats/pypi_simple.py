@@ -8,6 +8,7 @@ gets a hidden companion entry ``{filename}.metadata`` so the pipeline can fetch 
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import re
@@ -26,6 +27,7 @@ UPSTREAM_ACCEPT = f"{JSON_V1}, {HTML_V1};q=0.2, {TEXT_HTML};q=0.01"
 
 # ASCII only, to the very end: with Unicode IGNORECASE the Kelvin sign matches "k" (and folds
 # to it with lower()), the long s matches "s"; and "$" would accept a trailing newline.
+_SEPARATORS = re.compile(r"[-_.]+")
 _NAME_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])\Z", re.IGNORECASE | re.ASCII)
 _SDIST_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
 
@@ -36,7 +38,7 @@ def normalize(name: str) -> str | None:
     """PEP 503 normalized name, or None if ``name`` is not a valid project name."""
     if not _NAME_RE.match(name):
         return None
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return _SEPARATORS.sub("-", name).lower()
 
 
 def version_from_filename(filename: str) -> str | None:
@@ -324,10 +326,13 @@ def render_project_list(names: Sequence[str], as_json: bool) -> bytes:
     ).encode()
 
 
+@functools.lru_cache(maxsize=128)
 def negotiate(accept: str | None, format_param: str | None) -> str | None:
     """Pick ``JSON_V1``, ``HTML_V1`` or ``TEXT_HTML`` for a request (None: nothing acceptable).
 
     ``?format=`` (as PyPI offers) wins over ``Accept``; a missing ``Accept`` means HTML.
+    Remembered per header value: installers send the same few ``Accept`` lines on every
+    request, and parsing one costs more than the rest of a page hit's routing.
     """
     supported = {
         JSON_V1: JSON_V1,

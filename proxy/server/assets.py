@@ -50,7 +50,7 @@ class BlobFileResponse(web.FileResponse):
         self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
     ) -> AbstractStreamWriter:
         transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
+        sock = _plain_socket(transport)
         if self._executor is None or sock is None or count < SENDFILE_MIN or self.compression:
             return await super()._sendfile(request, fobj, offset, count)
         writer = await web.StreamResponse.prepare(self, request)
@@ -74,6 +74,17 @@ class BlobFileResponse(web.FileResponse):
     @etag.setter
     def etag(self, value: object) -> None:
         web.FileResponse.etag.fset(self, self._digest_etag)  # type: ignore[attr-defined]
+
+
+def _plain_socket(transport: asyncio.BaseTransport | None) -> socket.socket | None:
+    """The client's socket, if bytes written to it reach the client as they are: not under TLS
+    (``sendfile`` would put plaintext into the encrypted stream)."""
+    if transport is None or transport.get_extra_info("sslcontext") is not None:
+        return None
+    if transport.get_extra_info("ssl_object") is not None:
+        return None
+    sock: socket.socket | None = transport.get_extra_info("socket")
+    return sock
 
 
 async def _flush_headers(writer: AbstractStreamWriter, transport: asyncio.Transport) -> None:
@@ -295,7 +306,7 @@ class AssetSender:
         if handle.entry.sha256:
             response.headers[hdrs.ETAG] = f'"{handle.entry.sha256}"'
         transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
+        sock = _plain_socket(transport)
         fd = flight.plain_fd
         writer = await response.prepare(request)
         try:

@@ -89,13 +89,14 @@ def route_by_format(router: web.UrlDispatcher) -> None:
     ``{domain}`` variable, so it tries them one regular expression after another in registration
     order: an npm packument was matched after some forty other routes (27 µs a request, a tenth of
     a packument hit). Routes of different formats can never match the same path (their second
-    segment is a different literal), so trying only the asked format's routes, in their order,
-    finds what the full walk would find first. Anything else — no match there (404 and 405
+    segment is a different literal), so trying only the asked format's routes for the request's
+    method, in their order, finds what the full walk would find first (it skips a route of
+    another method too, only noting the method for a 405). Anything else — no match there (404 and 405
     answers), paths whose first segment also starts a literal route (``/-/…``), routes added
     after a catch-all — goes through aiohttp's own walk, unchanged. Installed at startup, when
     the routes are final.
     """
-    buckets: dict[str, list[AbstractResource]] = {}
+    buckets: dict[tuple[str, str], list[AbstractResource]] = {}
     literal_heads: set[str] = set()
     generic_seen = False
     for resource in router.resources():
@@ -104,7 +105,8 @@ def route_by_format(router: web.UrlDispatcher) -> None:
         canonical = resource.canonical
         match = _FORMAT_ROUTE.match(canonical + "/")
         if match and not generic_seen:
-            buckets.setdefault(match.group(1), []).append(resource)
+            for method in {route.method for route in resource}:
+                buckets.setdefault((match.group(1), method), []).append(resource)
         elif canonical.startswith("/{"):
             generic_seen = True  # format routes after it are left to the full walk
         else:
@@ -113,8 +115,8 @@ def route_by_format(router: web.UrlDispatcher) -> None:
 
     async def resolve(request: web.Request) -> UrlMappingMatchInfo:
         parts = request.rel_url.path_safe.split("/", 3)
-        if len(parts) > 2 and parts[1] not in literal_heads:
-            for resource in buckets.get(parts[2], ()):
+        if len(parts) > 2 and parts[1] not in literal_heads and (parts[2], "*") not in buckets:
+            for resource in buckets.get((parts[2], request.method), ()):
                 match_info, _ = await resource.resolve(request)
                 if match_info is not None:
                     return match_info

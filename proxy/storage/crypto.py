@@ -22,10 +22,10 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"APXE"
 HEADER = 32
@@ -98,7 +98,7 @@ class Sealer:
     def new_writer(self) -> ChunkWriter:
         key_id, key = self.keys.current()
         header = MAGIC + bytes([1, 0, 0, 0]) + key_id.encode().ljust(16)[:16] + secrets.token_bytes(8)
-        return ChunkWriter(header, AESGCM(key))
+        return ChunkWriter(header, _aead(key))
 
     def reader(self, fd: int) -> SealedReader:
         header = os.pread(fd, HEADER, 0)
@@ -109,7 +109,15 @@ class Sealer:
             key = self.keys.key(key_id)
         except KeyError:
             raise SealedFileError(f"the key {key_id} is not available") from None
-        return SealedReader(fd, header, AESGCM(key))
+        return SealedReader(fd, header, _aead(key))
+
+
+def _aead(key: bytes) -> AESGCM:
+    # Imported on first use: the cryptography bindings cost each worker ~7 MB of memory, and
+    # most proxies never encrypt at rest.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
 
 
 def is_sealed(fd: int) -> bool:
@@ -174,9 +182,12 @@ class SealedReader:
     """Random access to a sealed file's plaintext (blocking: call from a thread)."""
 
     def __init__(self, fd: int, header: bytes, aead: AESGCM) -> None:
+        from cryptography.exceptions import InvalidTag  # see _aead
+
         self._fd = fd
         self._header = header
         self._aead = aead
+        self._invalid: type[Exception] = InvalidTag
 
     def size(self) -> int:
         """The plaintext size of the complete file, checked against its sealed trailer."""
@@ -185,7 +196,7 @@ class SealedReader:
         raw = os.pread(self._fd, TRAILER, file_size - TRAILER)
         try:
             sealed = self._aead.decrypt(_nonce(self._header, TRAILER_INDEX), raw, self._header + b"T")
-        except InvalidTag:
+        except self._invalid:
             raise SealedFileError(
                 "the file's trailer does not decrypt (cut short or tampered with)"
             ) from None
@@ -203,7 +214,7 @@ class SealedReader:
             raw = os.pread(self._fd, chunk_plain + TAG, HEADER + index * (CHUNK + TAG))
             try:
                 plain = self._aead.decrypt(_nonce(self._header, index), raw, self._header + b"D")
-            except InvalidTag:
+            except self._invalid:
                 raise SealedFileError(f"chunk {index} does not decrypt (tampered with?)") from None
             piece = plain[skip : skip + (end - offset)]
             out += piece
