@@ -143,6 +143,20 @@ async def test_put_is_idempotent(backend: Backend) -> None:
     assert inventory[first.digest.hex][1] == len(payload)
 
 
+async def test_inventory_pages_and_stored_size(backend: Backend) -> None:
+    """gc's bounded walk: every blob once across the pages, with the size the store holds."""
+    payloads = [os.urandom(1000 + i) for i in range(5)]
+    infos = [await backend.store.put(await backend.stage(p)) for p in payloads]
+    listed = [entry async for page in backend.store.inventory_pages() for entry in page]
+    assert sorted(name for name, _, _ in listed) == sorted(i.digest.hex for i in infos)
+    whole = await backend.store.inventory()
+    assert {name: size for name, size, _ in listed} == {d: size for d, (_, size, _) in whole.items()}
+    for info in infos:
+        assert await backend.store.stored_size(info.digest) == whole[info.digest.hex][1] > 0
+    await backend.store.delete(infos[0].digest)
+    assert await backend.store.stored_size(infos[0].digest) == 0
+
+
 async def test_local_path_semantics(backend: Backend) -> None:
     info = await backend.store.put(await backend.stage(b"on disk?"))
     path = backend.store.local_path(info.digest)

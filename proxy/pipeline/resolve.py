@@ -12,12 +12,15 @@ verified, committed, and recorded for the repository that was asked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
+
+from cachetools import LRUCache
 
 from proxy.config import Config, RepositoryConfig
 from proxy.errors import (
@@ -54,6 +57,11 @@ RETRY_SOON = 5.0
 # Documents bigger than this are parsed in a worker thread, so the event loop keeps serving.
 BIG_DOCUMENT = 512 * 1024
 HOSTED = ""  # the ``source`` of a listed file published in a repository of the chain
+# Package versions the cached policies may hold in all. A policy carries every version's
+# attributes (npm manifests, PyPI metadata), most of its memory: bounding by versions rather than
+# by packages keeps a busy registry's memory bounded (bench/index_scale.py: 10k policies of
+# published packages held ~70 MB).
+POLICY_CACHE_VERSIONS = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +141,9 @@ class Resolver:
         self._touched: set[tuple[RepoRef, str, str, str]] = set()
         self._mutations = MutationGuard(blobs)
         self._blob_check = BlobCheck(blobs, config.server.data_dir / "quarantine")
-        self._policies: dict[tuple[RepoRef, str, str], PackagePolicy] = {}
+        self._policies: LRUCache[tuple[RepoRef, str, str], PackagePolicy] = LRUCache(
+            maxsize=POLICY_CACHE_VERSIONS, getsizeof=lambda policy: 1 + len(policy.statuses)
+        )
 
     @property
     def index(self) -> Index:
@@ -173,10 +183,9 @@ class Resolver:
             statuses={v.version: v.status for v in versions},
             attributes={v.version: v.attributes for v in versions},
         )
-        if len(self._policies) > 10_000:
-            self._policies.clear()
         if epoch == self._hot.epoch:  # not when another worker's change landed meanwhile
-            self._policies[key] = policy
+            with contextlib.suppress(ValueError):  # more versions than the whole budget: not kept
+                self._policies[key] = policy
         return policy
 
     async def _quarantine(self, ref: RepoRef, fmt: str) -> tuple[QuarantineEntry, ...]:

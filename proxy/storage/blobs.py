@@ -77,6 +77,15 @@ class BlobStore(Protocol):
         """Every stored blob: hex digest → (local file or None, bytes, modification time)."""
         ...
 
+    def inventory_pages(self) -> AsyncIterator[list[tuple[str, int, float]]]:
+        """The same, a page at a time, (hex digest, bytes, modification time): gc's walk, whose
+        memory must not grow with the store."""
+        ...
+
+    async def stored_size(self, digest: Digest) -> int:
+        """Bytes the blob takes where it is stored, 0 when it is not stored."""
+        ...
+
     async def close(self) -> None:
         """Release connections (shutdown)."""
         ...

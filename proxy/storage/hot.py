@@ -27,6 +27,12 @@ AssetKey = tuple[RepoRef, str, str, str]  # repository, format, package, filenam
 PackageKey = tuple[str, str, str]  # domain, format, package
 PageKey = tuple[PackageKey, Hashable]  # package, variant (repository, media type, base URL)
 ENTRY_OVERHEAD = 512  # bytes counted per entry besides its payload
+# What one file of a parsed listing takes in Python objects (ListedFile, its dicts and strings):
+# measured ~1 KB for PyPI JSON pages and ~2.2 KB for npm packuments, i.e. about 5x the bytes of
+# the document they came from. Charged on top of the document's size, so that the budget bounds
+# real memory rather than a fifth of it (bench/index_scale.py: 90k distinct pages went past
+# 400 MB of RSS under the default 128 MiB budget when only the document bytes were counted).
+LISTED_FILE_BYTES = 2048
 DISK_WEIGHT = 16  # a page kept in files counts 1/16 of its size against the memory budget
 
 
@@ -125,9 +131,11 @@ class HotCache:
         return found.listing if found is not None else None
 
     def remember_listing(self, key: Hashable, listing: Listing, size: int) -> None:
-        """Keep a parsed listing; ``size`` is the byte size of the document it came from."""
+        """Keep a parsed listing; ``size`` is the byte size of the document it came from (the
+        parsed objects are charged too: see LISTED_FILE_BYTES)."""
+        weight = size + len(listing.files) * LISTED_FILE_BYTES
         with contextlib.suppress(ValueError):  # larger than the whole budget: not kept
-            self._listings[key] = _SizedListing(listing, size)
+            self._listings[key] = _SizedListing(listing, weight)
 
     # rendered pages
     def page(self, package: PackageKey, variant: Hashable) -> RenderedPage | None:

@@ -33,6 +33,8 @@ from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
 
 GRACE_SECONDS = 600.0
+CHUNK = 500  # digests per IN (...) query, and the first page of eviction candidates
+MAX_PAGE = 50_000  # largest page of eviction candidates read at once
 
 
 @dataclass(slots=True)
@@ -54,46 +56,70 @@ class VerifyReport:
     hosted_lost: list[str] = field(default_factory=list)
 
 
+async def _referenced(index: Index, digests: list[str]) -> set[str]:
+    """Which of ``digests`` some index row references (one indexed query per chunk)."""
+    found: set[str] = set()
+    for i in range(0, len(digests), CHUNK):
+        chunk = digests[i : i + CHUNK]
+        sql = f"SELECT DISTINCT digest FROM assets WHERE digest IN ({','.join('?' * len(chunk))})"
+        async with index.db.execute(sql, chunk) as cur:
+            found.update(str(r[0]) for r in await cur.fetchall())
+    return found
+
+
+async def _usage(blobs: LocalBlobStore) -> int:
+    """Bytes the store holds, summed a page at a time (keeps nothing per blob)."""
+    total = 0
+    async for page in blobs.inventory_pages():
+        total += sum(size for _, size, _ in page)
+    return total
+
+
 async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool = False) -> GcReport:
-    """See the module docstring."""
-    files = await blobs.inventory()
-    usage = sum(size for _, size, _ in files.values())
+    """See the module docstring.
+
+    Memory stays bounded whatever the size of the index and the store (it runs inside the
+    serving process): usage is summed page by page, eviction candidates are read in pages only
+    while over budget, reference counts are asked for the evicted digests alone, and orphans are
+    looked for one page of the store (a fan-out directory, a page of a bucket listing) at a time.
+    """
+    usage = await _usage(blobs)
     report = GcReport(budget=budget, before=usage, dry_run=dry_run)
     db = index.db
-    async with db.execute("SELECT digest, COUNT(*) FROM assets GROUP BY digest") as cur:
-        refs = {str(d): int(n) for d, n in await cur.fetchall()}
-    sql = (
-        "SELECT domain, repository, format, package, filename, digest, size, last_accessed FROM assets "
-        "WHERE hosted = 0 ORDER BY last_accessed, fetched_at"
-    )
-    async with db.execute(sql) as cur:
-        candidates = await cur.fetchall()
     doomed: list[tuple[Any, ...]] = []
-    for row in candidates:
-        if usage <= budget:
-            break
-        digest = str(row[5])
-        doomed.append(tuple(row))
-        refs[digest] -= 1
-        if refs[digest] == 0 and digest in files:
-            usage -= files[digest][1]
-        report.evicted.append(
-            {"repository": f"{row[0]}/{row[1]}", "format": row[2], "package": row[3], "filename": row[4]}
+    left: dict[str, int] = {}  # references left to each digest of an evicted row
+    if usage > budget:
+        # Pages of the LRU order (a top-N sort in SQLite), each read whole: no statement stays
+        # open across awaits, as an open read would make other coroutines' writes on the shared
+        # connection fail once another worker has committed.
+        sql = (
+            "SELECT domain, repository, format, package, filename, digest, size, last_accessed "
+            "FROM assets WHERE hosted = 0 ORDER BY last_accessed, fetched_at LIMIT ? OFFSET ?"
         )
-    now = time.time()
-    evicted_digests = {str(row[5]) for row in doomed}
-    # Blobs this run unreferenced go now; other orphans only once old enough that they cannot be
-    # a download whose row is about to be written.
-    unreferenced = [
-        d
-        for d, (_, _, mtime) in files.items()
-        if refs.get(d, 0) <= 0 and (d in evicted_digests or now - mtime >= GRACE_SECONDS)
-    ]
-    if dry_run:
-        report.after = usage
-        report.blobs_deleted = len(unreferenced)
-        return report
-    if doomed:
+        page = CHUNK
+        while usage > budget:
+            async with db.execute(sql, (page, len(doomed))) as cur:
+                rows = await cur.fetchall()
+            if not rows:
+                break
+            page = min(page * 4, MAX_PAGE)
+            for row in rows:
+                if usage <= budget:
+                    break
+                digest = str(row[5])
+                if digest not in left:
+                    async with db.execute("SELECT COUNT(*) FROM assets WHERE digest=?", (digest,)) as cur:
+                        counted = await cur.fetchone()
+                    left[digest] = int(counted[0]) if counted else 0
+                doomed.append(tuple(row))
+                left[digest] -= 1
+                if left[digest] == 0:
+                    usage -= await blobs.stored_size(Digest(digest))
+                where = f"{row[0]}/{row[1]}"
+                report.evicted.append(
+                    {"repository": where, "format": row[2], "package": row[3], "filename": row[4]}
+                )
+    if not dry_run and doomed:
         async with index.transaction():
             for victim in doomed:
                 await db.execute(
@@ -101,14 +127,28 @@ async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool 
                     "AND filename=?",
                     victim[:5],
                 )
-    for digest in unreferenced:
-        # Looked again inside the check: a row may have been written since (the proxy runs).
-        async with db.execute("SELECT 1 FROM assets WHERE digest=? LIMIT 1", (digest,)) as cur:
-            if await cur.fetchone() is not None:
+    now = time.time()
+    evicted_digests = set(left)
+    gone = {d for d, n in left.items() if n <= 0}
+    # Blobs this run unreferenced go now; other orphans only once old enough that they cannot be
+    # a download whose row is about to be written.
+    async for files in blobs.inventory_pages():
+        referenced = await _referenced(index, [d for d, _, _ in files])
+        if dry_run:
+            referenced -= gone  # what the deletes would have unreferenced
+        for digest, _, mtime in files:
+            if digest in referenced or (digest not in evicted_digests and now - mtime < GRACE_SECONDS):
                 continue
-        await blobs.delete(Digest(digest))
-        report.blobs_deleted += 1
-    report.after = sum(size for _, size, _ in (await blobs.inventory()).values())
+            if dry_run:
+                report.blobs_deleted += 1
+                continue
+            # Looked again inside the check: a row may have been written since (the proxy runs).
+            async with db.execute("SELECT 1 FROM assets WHERE digest=? LIMIT 1", (digest,)) as cur:
+                if await cur.fetchone() is not None:
+                    continue
+            await blobs.delete(Digest(digest))  # an object store's copy too
+            report.blobs_deleted += 1
+    report.after = usage if dry_run else await _usage(blobs)
     return report
 
 

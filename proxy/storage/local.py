@@ -119,8 +119,40 @@ class LocalBlobStore:
                 found[path.name] = (path, st.st_size, st.st_mtime)
         return found
 
+    async def inventory_pages(self) -> AsyncIterator[list[tuple[str, int, float]]]:
+        """(digest, bytes stored, mtime) of every blob, one fan-out directory at a time, so a
+        walk of a big store keeps little in memory (gc)."""
+        for directory in await asyncio.to_thread(_fan_out_dirs, self.root):
+            yield await asyncio.to_thread(_dir_blobs, directory)
+
+    async def stored_size(self, digest: Digest) -> int:
+        """Bytes the blob takes where it is stored, 0 when it is not stored."""
+        try:
+            return (await asyncio.to_thread(self.local_path(digest).stat)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+
     async def close(self) -> None:
         return None
+
+
+def _fan_out_dirs(root: Path) -> list[Path]:
+    """The fan-out directories of a blob store (blocking)."""
+    return sorted(p for p in root.glob("*") if p.is_dir())
+
+
+def _dir_blobs(directory: Path) -> list[tuple[str, int, float]]:
+    """(digest, bytes on disk, mtime) of the blob files of one fan-out directory (blocking)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                if entry.is_file():
+                    st = entry.stat()
+                    found.append((entry.name, st.st_size, st.st_mtime))
+            except FileNotFoundError:
+                continue
+    return found
 
 
 def rekey(blobs: LocalBlobStore, tmp: Path) -> tuple[int, int]:

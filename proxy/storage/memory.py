@@ -49,6 +49,13 @@ class MemoryBlobStore:
     def presigned_url(self, digest: Digest) -> str | None:
         return None
 
+    async def inventory_pages(self) -> AsyncIterator[list[tuple[str, int, float]]]:
+        yield [(name, len(data), at) for name, (data, at) in self._blobs.items()]
+
+    async def stored_size(self, digest: Digest) -> int:
+        found = self._blobs.get(digest.hex)
+        return len(found[0]) if found is not None else 0
+
     async def inventory(self) -> dict[str, tuple[Path | None, int, float]]:
         return {d: (None, len(data), at) for d, (data, at) in self._blobs.items()}
 

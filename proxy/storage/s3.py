@@ -530,5 +530,22 @@ class S3BlobStore(LocalBlobStore):
                 found[name] = (cached[name][0] if name in cached else None, size, modified)
         return found
 
+    async def inventory_pages(self) -> AsyncIterator[list[tuple[str, int, float]]]:
+        """The bucket's blobs, a page of the listing at a time: (hex, bytes, last-modified)."""
+        page: list[tuple[str, int, float]] = []
+        async for key, size, modified in self.client.list(self._prefix):
+            name = key[len(self._prefix) :]
+            if re.fullmatch(r"[0-9a-f]{64}", name):
+                page.append((name, size, modified))
+            if len(page) >= 1000:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    async def stored_size(self, digest: Digest) -> int:
+        info = await self.stat(digest)
+        return info.size if info is not None else 0
+
     async def close(self) -> None:
         await self.client.close()
