@@ -61,6 +61,7 @@ from proxy.server.security_api import SecurityRoutes
 from proxy.server.system import SystemRoutes
 from proxy.server.workers import WorkerRole
 from proxy.storage import lifecycle
+from proxy.storage.backends import build_blob_store
 from proxy.storage.catalog import Catalog
 from proxy.storage.crypto import Sealer, StaticKeys
 from proxy.storage.generation import Generation
@@ -114,7 +115,7 @@ def build_services(
     data_dir = config.server.data_dir
     index = Index(data_dir / "index.sqlite3", Generation(data_dir / "generation"))
     sealer = build_sealer(config.server, os.environ)
-    blobs = LocalBlobStore(data_dir / "blobs", sealer)
+    blobs = build_blob_store(data_dir, config.storage, os.environ, sealer)
     # A worker stages in a directory of its own, which it clears when it (re)starts: the
     # supervisor restarts a worker that died, and its leftovers go with it.
     staging = StagingArea(data_dir / "tmp" / (f"worker-{worker.index}" if worker else ""), sealer)
@@ -374,6 +375,7 @@ def build_app(
             except Exception:
                 log.exception("could not write the last audit records")
             await index.close()
+            await blobs.close()
             sendfile_pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)

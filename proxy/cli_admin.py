@@ -145,6 +145,7 @@ async def open_services(config: Config) -> AsyncIterator[Pipeline]:
         await services.flights.aclose()
         await services.documents.aclose()
         await services.index.close()
+        await services.blobs.close()
 
 
 async def _has_domains(services: Services) -> bool:

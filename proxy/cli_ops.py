@@ -17,7 +17,7 @@ from typing import Any
 
 from proxy.config import ConfigError, parse_duration, parse_size
 from proxy.errors import BadRequest, ProxyError
-from proxy.model import RepoRef
+from proxy.model import Digest, RepoRef
 from proxy.pipeline.services import Pipeline
 from proxy.storage import bundle, lifecycle
 from proxy.warm import read_pins, summary, warm
@@ -180,6 +180,8 @@ async def _export(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[
     since = _since(args.since) if args.since else None
     manifest, bodies = await bundle.collect(pipeline.resolver.index, ref, _connections(pipeline, ref), since)
     key = _key(args.sign_key_env)
+    for asset in manifest["assets"]:  # on this node's disk first (an object store's blobs)
+        await pipeline.blobs.locate(Digest(asset["digest"]))
     progress = await asyncio.to_thread(_progress, "blobs")
     await asyncio.to_thread(bundle.write_bundle, args.bundle, manifest, bodies, pipeline.blobs, key, progress)
     pipeline.audit.record(

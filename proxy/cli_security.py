@@ -188,6 +188,8 @@ async def _audit(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[A
 async def _rekey(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
     assert pipeline is not None
     blobs = pipeline.blobs
+    if pipeline.config.storage.backend != "local":  # the bucket's objects would keep the old key
+        raise BadRequest('rekey works on the local blob backend only ([storage] backend = "local")')
     try:
         rewritten, kept = await asyncio.to_thread(rekey, blobs, blobs.root.parent.parent / "tmp")
     except ValueError as exc:

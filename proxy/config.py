@@ -228,11 +228,35 @@ class WebhookConfig:
     secret_env: str | None = None  # HMAC-SHA256 key for the signature header
 
 
+STORAGE_BACKENDS = ("local", "s3")
+SERVE_MODES = ("stream", "redirect")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """``[storage]``: where blobs live (storage/backends.py). Never holds credentials: S3 keys come
+    from the standard AWS environment variables, so a config file can be shared and logged."""
+
+    backend: str = "local"
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str | None = None  # MinIO, Ceph, a test server; None: AWS's regional endpoint
+    region: str = "us-east-1"
+    local_cache: int = 20 * 2**30  # this node's disk cache of hot blobs in front of the bucket
+    # "stream": the node sends every blob; "redirect": a blob not on this node's disk is a 302 to
+    # a pre-signed URL valid for ``redirect_expiry`` (the client then fetches from the bucket).
+    serve: str = "stream"
+    redirect_expiry: float = 300.0
+    multipart_threshold: int = 64 * 2**20  # larger blobs are uploaded in parts of this size
+    timeout: float = 60.0  # one object-store request (a part, a HEAD, a listing page)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     domains: tuple[DomainConfig, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
@@ -315,8 +339,9 @@ def load_config(overrides: Overrides, env: Mapping[str, str]) -> Config:
 
 def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str, str]) -> Config:
     """Validate a decoded TOML document and apply overrides."""
-    _only_keys(raw, "", {"server", "upstreams", "domains", "webhooks"})
+    _only_keys(raw, "", {"server", "storage", "upstreams", "domains", "webhooks"})
     server = _parse_server(_table(raw, "server"), overrides)
+    storage = parse_storage(_table(raw, "storage"))
     upstreams_raw = _table(raw, "upstreams")
     upstreams: dict[str, UpstreamConfig] = {}
     notes: list[str] = []
@@ -339,10 +364,70 @@ def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str,
         raise ConfigError("domains: a domain name is used twice")
     webhooks = tuple(_parse_webhook(i, w, env) for i, w in enumerate(raw.get("webhooks") or []))
     config = Config(
-        server=server, upstreams=upstreams, domains=domains, notes=tuple(notes), webhooks=webhooks
+        server=server,
+        storage=storage,
+        upstreams=upstreams,
+        domains=domains,
+        notes=tuple(notes),
+        webhooks=webhooks,
     )
     check_upstream_graph(config)
     return config
+
+
+def parse_storage(raw: Mapping[str, Any]) -> StorageConfig:
+    """``[storage]``; keys other than ``backend`` matter only for the S3 backend."""
+    p = "storage"
+    _only_keys(
+        raw,
+        p,
+        {
+            "backend", "bucket", "prefix", "endpoint_url", "region", "local_cache", "serve",
+            "redirect_expiry", "multipart_threshold", "timeout",
+        },
+    )  # fmt: skip
+    d = StorageConfig()
+    backend = _get(raw, "backend", p, str, d.backend)
+    if backend not in STORAGE_BACKENDS:
+        known = ", ".join(STORAGE_BACKENDS)
+        raise ConfigError(f"storage.backend: unknown backend {backend!r} (known: {known})")
+    serve = _get(raw, "serve", p, str, d.serve)
+    if serve not in SERVE_MODES:
+        raise ConfigError(f"storage.serve: expected one of {', '.join(SERVE_MODES)}, got {serve!r}")
+    bucket = _get(raw, "bucket", p, str, d.bucket)
+    if backend == "s3" and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ConfigError(f"storage.bucket: the s3 backend needs a valid bucket name, got {bucket!r}")
+    prefix = _get(raw, "prefix", p, str, d.prefix)
+    if prefix.startswith("/") or ".." in prefix.split("/"):
+        raise ConfigError(f"storage.prefix: expected a relative key prefix such as 'prod/', got {prefix!r}")
+    endpoint = _get(raw, "endpoint_url", p, str, None)
+    if endpoint is not None and urlsplit(endpoint).scheme not in {"http", "https"}:
+        raise ConfigError(f"storage.endpoint_url: expected an http(s) URL, got {endpoint!r}")
+    if endpoint is not None and urlsplit(endpoint).username:
+        raise ConfigError("storage.endpoint_url: credentials never go in the config file")
+    expiry = d.redirect_expiry
+    if "redirect_expiry" in raw:
+        expiry = parse_duration(raw["redirect_expiry"], f"{p}.redirect_expiry")
+    if not 1 <= expiry <= 7 * 86400:
+        raise ConfigError("storage.redirect_expiry: a pre-signed URL lives between 1s and 7 days")
+    threshold = d.multipart_threshold
+    if "multipart_threshold" in raw:
+        threshold = parse_size(raw["multipart_threshold"], f"{p}.multipart_threshold")
+    if threshold < 5 * 2**20:
+        raise ConfigError("storage.multipart_threshold: S3 parts are at least 5MiB")
+    cache = parse_size(raw["local_cache"], f"{p}.local_cache") if "local_cache" in raw else d.local_cache
+    return StorageConfig(
+        backend=backend,
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=endpoint.rstrip("/") if endpoint else None,
+        region=_get(raw, "region", p, str, d.region),
+        local_cache=cache,
+        serve=serve,
+        redirect_expiry=expiry,
+        multipart_threshold=threshold,
+        timeout=parse_duration(raw["timeout"], f"{p}.timeout") if "timeout" in raw else d.timeout,
+    )
 
 
 def _parse_webhook(i: int, raw: object, env: Mapping[str, str]) -> WebhookConfig:

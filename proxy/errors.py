@@ -14,6 +14,8 @@
     ├── PublishBlocked               403 publish_blocked    an origin rule blocks publishing
     ├── Offline                      503 offline         offline mode and never cached
     ├── InsufficientStorage          507 insufficient_storage  the data directory is full
+    ├── StorageUnavailable           503 storage_unavailable   the object store (S3) failed
+    ├── StorageCorrupt               502 storage_corrupt       the object store's bytes do not match
     ├── UpstreamUnavailable          502 upstream_unavailable  refused, 5xx, circuit open, bad bytes
     │   └── UpstreamTimeout          504 upstream_timeout
     └── UpstreamCorrupt              502 upstream_corrupt  declared hash or length not met
@@ -117,6 +119,21 @@ class BlockedByOrigin(ProxyError):
 class PublishBlocked(ProxyError):
     status = 403
     code = "publish_blocked"
+
+
+class StorageUnavailable(ProxyError):
+    """The blob backend's object store refused, timed out or failed (storage/s3.py): blobs on
+    this node's disk are still served, others wait for the store to come back."""
+
+    status = 503
+    code = "storage_unavailable"
+
+
+class StorageCorrupt(ProxyError):
+    """The object store returned bytes that do not hash to the blob's name: never served."""
+
+    status = 502
+    code = "storage_corrupt"
 
 
 class Offline(ProxyError):

@@ -239,6 +239,7 @@ class MavenAdapter(FormatAdapter):
         if artifact is None:
             raise NotFound(f"{path.filename} is not stored", detail={"package": package})
         blobs = self.pipeline.blobs
+        await blobs.locate(artifact.digest)  # on this node's disk (storage/s3.py)
 
         def digests() -> dict[str, str]:
             with blobs.open_plain(artifact.digest) as f:

@@ -131,6 +131,7 @@ class DependencyService:
             if digest in done:
                 continue
             try:
+                await self._blobs.locate(Digest(digest))  # on this node's disk (storage/s3.py)
                 opener = functools.partial(self._blobs.open_plain, Digest(digest))
                 declared = await asyncio.to_thread(reader.read, source.filename, opener)
             except (FileNotFoundError, PermissionError) as exc:  # not an answer about the bytes

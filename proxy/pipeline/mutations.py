@@ -87,6 +87,8 @@ class MutationGuard:
         if found is not None:
             return found
         try:
+            if await self._blobs.locate(digest) == "missing":
+                return None
             found = await asyncio.to_thread(self._compute, digest, algorithms)
         except OSError:
             return None

@@ -716,6 +716,7 @@ class Resolver:
         file has been fetched (derived files are committed with it). None if it still is not."""
         record = await self._stored(ref, adapter.name, package, companion)
         if record is not None:
+            await self._blobs.locate(record.digest, fetch=False)  # an object store's: to this disk
             return record, CacheStatus.HIT
         handle = await self.asset(ref, adapter, package, main)
         status = CacheStatus.HIT

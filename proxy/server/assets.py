@@ -254,6 +254,14 @@ class AssetSender:
             not_modified.headers[hdrs.ETAG] = f'"{etag}"'
             return not_modified
         response: web.StreamResponse
+        elsewhere = self._blobs.presigned_url(digest)
+        if elsewhere is not None:  # in an object store, not on this node: the client fetches it there
+            response = web.Response(status=302)
+            response.headers[hdrs.LOCATION] = elsewhere
+            response.headers["X-Cache"] = status.value
+            response.headers[hdrs.CACHE_CONTROL] = "no-store"  # the URL expires; the blob does not
+            response.headers["X-Content-SHA256"] = etag
+            return response
         if self._blobs.sealer is not None:  # encrypted at rest: decrypted as it is sent
             response = PlainBlobResponse(self._blobs, digest)
         else:

@@ -42,14 +42,23 @@ class BlobCheck:
         self._running: dict[str, asyncio.Future[str | None]] = {}
 
     async def damage(self, digest: Digest) -> str | None:
-        """None when the blob holds the bytes its name says; else what is wrong with it."""
+        """None when the blob holds the bytes its name says; else what is wrong with it.
+
+        A blob kept in an object store (storage/s3.py) is brought to this node's disk first, and
+        checked there; one served by a redirect to the store is not on this node to check (its
+        copy in the store was hashed on the way in).
+        """
         running = self._running.get(digest.hex)
         if running is not None:
             return await asyncio.shield(running)
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._running[digest.hex] = future
         try:
-            outcome = await asyncio.to_thread(self._check, digest)
+            where = await self._blobs.locate(digest, fetch=False)
+            if where == "local":
+                outcome = await asyncio.to_thread(self._check, digest)
+            else:
+                outcome = None if where == "remote" else "missing"
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: the waiters (if any) get it

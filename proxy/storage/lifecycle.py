@@ -8,6 +8,9 @@ written right after its rename), and a reader that already opened a blob keeps r
 the unlink (POSIX). The running proxy notices the index change within seconds and forgets what
 it kept in memory.
 
+With the S3 backend (storage/s3.py) the store is the bucket: gc measures and deletes objects
+there (and in this node's cache), verify downloads each object through the cache to hash it.
+
 ``verify`` re-hashes every blob's plaintext against its name and checks that every index row's
 blob exists; ``--repair`` moves corrupt blobs to ``quarantine/`` and removes the rows that point
 at corrupt or missing blobs, so cached files are fetched again (hosted ones are reported lost).
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy.errors import StorageCorrupt
+from proxy.model import Digest
 from proxy.storage.index import Index
 from proxy.storage.local import LocalBlobStore
 
@@ -51,51 +56,6 @@ class VerifyReport:
     hosted_lost: list[str] = field(default_factory=list)
 
 
-def _blob_files(blobs: LocalBlobStore) -> dict[str, tuple[Path, int, float]]:
-    """digest → (path, bytes on disk, mtime) of every blob file (blocking)."""
-    found = {}
-    for path in blobs.root.glob("*/*"):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue
-        if path.is_file():
-            found[path.name] = (path, st.st_size, st.st_mtime)
-    return found
-
-
-def _blob_dirs(blobs: LocalBlobStore) -> list[Path]:
-    """The fan-out directories of the blob store (blocking)."""
-    return sorted(p for p in blobs.root.glob("*") if p.is_dir())
-
-
-def _dir_blobs(directory: Path) -> list[tuple[str, int, float]]:
-    """(digest, bytes on disk, mtime) of the blob files of one fan-out directory (blocking)."""
-    found = []
-    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
-        for entry in entries:
-            try:
-                if entry.is_file():
-                    st = entry.stat()
-                    found.append((entry.name, st.st_size, st.st_mtime))
-            except FileNotFoundError:
-                continue
-    return found
-
-
-def _blob_usage(blobs: LocalBlobStore) -> int:
-    """Bytes the blob files take on disk (blocking; keeps nothing per file)."""
-    return sum(size for directory in _blob_dirs(blobs) for _, size, _ in _dir_blobs(directory))
-
-
-def _blob_size(blobs: LocalBlobStore, digest: str) -> int:
-    """Bytes one blob file takes on disk, 0 when it is not stored (blocking)."""
-    try:
-        return (blobs.root / digest[:2] / digest).stat().st_size
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-
-
 async def _referenced(index: Index, digests: list[str]) -> set[str]:
     """Which of ``digests`` some index row references (one indexed query per chunk)."""
     found: set[str] = set()
@@ -107,15 +67,23 @@ async def _referenced(index: Index, digests: list[str]) -> set[str]:
     return found
 
 
+async def _usage(blobs: LocalBlobStore) -> int:
+    """Bytes the store holds, summed a page at a time (keeps nothing per blob)."""
+    total = 0
+    async for page in blobs.inventory_pages():
+        total += sum(size for _, size, _ in page)
+    return total
+
+
 async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool = False) -> GcReport:
     """See the module docstring.
 
     Memory stays bounded whatever the size of the index and the store (it runs inside the
-    serving process): usage is summed while walking, eviction candidates are read from a cursor
-    only while over budget, reference counts are asked for the evicted digests alone, and
-    orphans are looked for one fan-out directory at a time.
+    serving process): usage is summed page by page, eviction candidates are read in pages only
+    while over budget, reference counts are asked for the evicted digests alone, and orphans are
+    looked for one page of the store (a fan-out directory, a page of a bucket listing) at a time.
     """
-    usage = await asyncio.to_thread(_blob_usage, blobs)
+    usage = await _usage(blobs)
     report = GcReport(budget=budget, before=usage, dry_run=dry_run)
     db = index.db
     doomed: list[tuple[Any, ...]] = []
@@ -146,7 +114,7 @@ async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool 
                 doomed.append(tuple(row))
                 left[digest] -= 1
                 if left[digest] == 0:
-                    usage -= await asyncio.to_thread(_blob_size, blobs, digest)
+                    usage -= await blobs.stored_size(Digest(digest))
                 where = f"{row[0]}/{row[1]}"
                 report.evicted.append(
                     {"repository": where, "format": row[2], "package": row[3], "filename": row[4]}
@@ -164,8 +132,7 @@ async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool 
     gone = {d for d, n in left.items() if n <= 0}
     # Blobs this run unreferenced go now; other orphans only once old enough that they cannot be
     # a download whose row is about to be written.
-    for directory in await asyncio.to_thread(_blob_dirs, blobs):
-        files = await asyncio.to_thread(_dir_blobs, directory)
+    async for files in blobs.inventory_pages():
         referenced = await _referenced(index, [d for d, _, _ in files])
         if dry_run:
             referenced -= gone  # what the deletes would have unreferenced
@@ -179,9 +146,9 @@ async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool 
             async with db.execute("SELECT 1 FROM assets WHERE digest=? LIMIT 1", (digest,)) as cur:
                 if await cur.fetchone() is not None:
                     continue
-            await asyncio.to_thread((directory / digest).unlink, missing_ok=True)
+            await blobs.delete(Digest(digest))  # an object store's copy too
             report.blobs_deleted += 1
-    report.after = usage if dry_run else await asyncio.to_thread(_blob_usage, blobs)
+    report.after = usage if dry_run else await _usage(blobs)
     return report
 
 
@@ -190,9 +157,15 @@ async def verify(
 ) -> VerifyReport:
     """See the module docstring."""
     report = VerifyReport()
-    files = await asyncio.to_thread(_blob_files, blobs)
+    files = await blobs.inventory()
     for digest, (path, _, _) in sorted(files.items()):
-        ok = await asyncio.to_thread(_hash_matches, blobs, path, digest)
+        if path is None:  # in an object store only: checked through this node's cache
+            try:
+                await blobs.locate(Digest(digest))
+                path = blobs.local_path(Digest(digest))
+            except StorageCorrupt:
+                path = None
+        ok = path is not None and await asyncio.to_thread(_hash_matches, blobs, path, digest)
         report.checked += 1
         if not ok:
             report.corrupt.append(digest)
@@ -204,7 +177,9 @@ async def verify(
     quarantine = data_dir / "quarantine"
     for digest in report.corrupt:
         await asyncio.to_thread(quarantine.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(os.replace, files[digest][0], quarantine / digest)
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.replace, blobs.local_path(Digest(digest)), quarantine / digest)
+        await blobs.delete(Digest(digest))  # an object store's copy too
     bad = report.corrupt + report.missing
     async with index.transaction():
         for digest in bad:
@@ -237,7 +212,7 @@ async def stats(index: Index, blobs: LocalBlobStore) -> dict[str, Any]:
     )
     async with index.db.execute(sql) as cur:
         rows = await cur.fetchall()
-    files = await asyncio.to_thread(_blob_files, blobs)
+    files = await blobs.inventory()
     return {
         "repositories": [
             {

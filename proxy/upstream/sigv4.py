@@ -62,14 +62,23 @@ def sign(
     credentials: AwsCredentials,
     body: bytes = b"",
     now: datetime.datetime | None = None,
+    payload_hash: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The headers that sign the request (Authorization, X-Amz-Date, maybe the session token)."""
+    """The headers that sign the request (Authorization, X-Amz-Date, maybe the session token).
+
+    S3 (storage/s3.py) passes ``payload_hash`` (a streamed body's is ``UNSIGNED-PAYLOAD``), which
+    is then sent and signed as ``x-amz-content-sha256``, and ``extra`` headers to sign and send.
+    """
     moment = now or datetime.datetime.now(datetime.UTC)
     amz_date = moment.strftime("%Y%m%dT%H%M%SZ")
     day = amz_date[:8]
     parts = urlsplit(url)
     host = parts.netloc
     headers = {"host": host, "x-amz-date": amz_date}
+    headers |= {k.lower(): v for k, v in (extra or {}).items()}
+    if payload_hash is not None:
+        headers["x-amz-content-sha256"] = payload_hash
     if credentials.session_token:
         headers["x-amz-security-token"] = credentials.session_token
     pairs = sorted(parse_qsl(parts.query, keep_blank_values=True))
@@ -82,16 +91,13 @@ def sign(
             query,
             "".join(f"{k}:{headers[k].strip()}\n" for k in sorted(headers)),
             signed,
-            hashlib.sha256(body).hexdigest(),
+            payload_hash or hashlib.sha256(body).hexdigest(),
         ]
     )
     scope = f"{day}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(("AWS4" + credentials.secret_key).encode(), day)
-    for part in (region, service, "aws4_request"):
-        key = _hmac(key, part)
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    out = {
+    signature = _signature(canonical, amz_date, scope, region, service, credentials)
+    out = {k: v for k, v in headers.items() if k not in {"host", "x-amz-date", "x-amz-security-token"}}
+    out |= {
         "Authorization": (
             f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
             f"SignedHeaders={signed}, Signature={signature}"
@@ -101,6 +107,51 @@ def sign(
     if credentials.session_token:
         out["X-Amz-Security-Token"] = credentials.session_token
     return out
+
+
+def presign(
+    url: str,
+    *,
+    region: str,
+    service: str,
+    credentials: AwsCredentials,
+    expires: int,
+    now: datetime.datetime | None = None,
+) -> str:
+    """A GET URL signed in its query string (S3's pre-signed URL), valid for ``expires`` seconds.
+
+    It carries the access key id and a signature, never the secret key, and nothing of the
+    proxy's own credentials: whoever holds it may GET this one object until it expires.
+    """
+    moment = now or datetime.datetime.now(datetime.UTC)
+    amz_date = moment.strftime("%Y%m%dT%H%M%SZ")
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    parts = urlsplit(url)
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    params |= {
+        "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+        "X-Amz-Credential": f"{credentials.access_key}/{scope}",
+        "X-Amz-Date": amz_date,
+        "X-Amz-Expires": str(expires),
+        "X-Amz-SignedHeaders": "host",
+    }
+    if credentials.session_token:
+        params["X-Amz-Security-Token"] = credentials.session_token
+    query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
+    path = quote(parts.path or "/", safe="/-_.~")
+    canonical = "\n".join(["GET", path, query, f"host:{parts.netloc}\n", "host", "UNSIGNED-PAYLOAD"])
+    signature = _signature(canonical, amz_date, scope, region, service, credentials)
+    return f"{parts.scheme}://{parts.netloc}{path}?{query}&X-Amz-Signature={signature}"
+
+
+def _signature(
+    canonical: str, amz_date: str, scope: str, region: str, service: str, credentials: AwsCredentials
+) -> str:
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(("AWS4" + credentials.secret_key).encode(), amz_date[:8])
+    for part in (region, service, "aws4_request"):
+        key = _hmac(key, part)
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
 def _hmac(key: bytes, text: str) -> bytes:
