@@ -27,6 +27,9 @@ from proxy.pipeline.services import Pipeline
 from tests.fakes.dists import build_sdist, build_wheel
 from tests.fakes.pypi import FakePyPI
 
+# The fault suite's report hooks, here so that an xdist controller (which collects nothing) has them.
+pytest_plugins = ["tests.faults.plugin"]
+
 # ``serve`` runs one worker per CPU by default; proxies the tests start as processes stay single
 # processes (their crash and signal semantics) unless a test asks for ``--workers`` itself.
 os.environ.setdefault("ARTIFACT_PROXY_WORKERS", "1")

@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,6 +108,27 @@ class FaultReport:
             cells = [row["group"], row["tests"], row["failed"], row["faults"], *(row[k] for k, _ in COUNTERS)]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         return lines
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The ledgers as plain data: what an xdist worker hands the controller."""
+        return {
+            name: {
+                "injected": dict(ledger.injected),
+                "observed": dict(ledger.observed),
+                "tests": sorted(ledger.tests),
+                "failed": sorted(ledger.failed),
+            }
+            for name, ledger in self.groups.items()
+        }
+
+    def merge(self, data: dict[str, dict[str, Any]]) -> None:
+        """Add another process' ledgers (pytest-xdist runs tests in several workers)."""
+        for name, part in data.items():
+            ledger = self.groups.setdefault(name, GroupLedger(name))
+            ledger.injected.update(part["injected"])
+            ledger.observed.update(part["observed"])
+            ledger.tests.update(part["tests"])
+            ledger.failed.update(part["failed"])
 
     def write_json(self) -> None:
         target = os.environ.get("FAULT_REPORT_JSON")
