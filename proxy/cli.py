@@ -134,13 +134,19 @@ def serve(
             # alive forever; a worker has nothing left to do once run_app returns.
             logging.shutdown()
             os._exit(status)
-        elif any(
-            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()
-        ):
-            # The same for a single process stopped while starting: nothing else would end it.
-            log.warning("stopped while starting: exiting without waiting for the index thread")
-            logging.shutdown()
-            os._exit(status)
+        else:
+            # A single process stopped while starting (run_app ends before the cleanup that
+            # closes the index) would wait for ever on the index's non-daemon thread, as a worker
+            # would; whatever such threads are left once run_app returns have nothing to do.
+            left = [
+                t.name
+                for t in threading.enumerate()
+                if t.is_alive() and not t.daemon and t is not threading.main_thread()
+            ]
+            if left:
+                log.info("exiting without waiting for threads: %s", ", ".join(left))
+                logging.shutdown()
+                os._exit(status)
     return status
 
 
