@@ -10,6 +10,7 @@ depend on" and "who depends on evil@6.6.6" without naming a format. The readers 
 
 from __future__ import annotations
 
+import tarfile
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -120,3 +121,19 @@ def zip_member(blob: Callable[[], BinaryIO], pick: Callable[[str], bool]) -> byt
             raise ValueError(f"{names[0]} is bigger than {MAX_MANIFEST} bytes")
         with archive.open(info) as member:
             return read_limited(member)
+
+
+def tar_top_member(blob: Callable[[], BinaryIO], filename: str) -> bytes:
+    """``<top folder>/filename`` of a tarball (npm's ``package/package.json``, an sdist's
+    ``PKG-INFO``), size-checked; only the first members are looked at, where packers put it."""
+    with blob() as raw, tarfile.open(fileobj=raw, mode="r:*") as archive:
+        for count, member in enumerate(archive):
+            if count > 1000:
+                break
+            if member.isfile() and member.name.count("/") == 1 and member.name.endswith("/" + filename):
+                if member.size > MAX_MANIFEST:
+                    raise ValueError(f"{filename} is bigger than {MAX_MANIFEST} bytes")
+                stream = archive.extractfile(member)
+                if stream is not None:
+                    return read_limited(stream)
+    raise ValueError(f"the archive holds no {filename}")

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import json
 import re
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from proxy.formats.deps_base import MAX_MANIFEST, Declared, DependencyReader, RangeError, read_limited
+from proxy.formats.deps_base import (
+    Declared,
+    DependencyReader,
+    RangeError,
+    tar_top_member,
+)
 from proxy.formats.npm_docs import valid_name
 
 FIELDS = ("dependencies", "optionalDependencies", "peerDependencies")
@@ -200,7 +204,7 @@ class NpmDependencies(DependencyReader):
         return 0 if filename.endswith(".tgz") else None
 
     def read(self, filename: str, blob: Callable[[], BinaryIO]) -> list[Declared]:
-        return parse_manifest(_package_json(blob))
+        return parse_manifest(tar_top_member(blob, "package.json"))
 
     def normalize(self, name: str) -> str:
         if not valid_name(name):
@@ -241,18 +245,3 @@ def _alias(target: str) -> tuple[str, str]:
     """``evil@^6`` -> (evil, ^6); ``@scope/x@1`` -> (@scope/x, 1); ``evil`` -> (evil, '')."""
     at = target.rfind("@")
     return (target[:at], target[at + 1 :]) if at > 0 else (target, "")
-
-
-def _package_json(blob: Callable[[], BinaryIO]) -> bytes:
-    """``package/package.json`` (any top-level folder name); npm pack writes it first."""
-    with blob() as raw, tarfile.open(fileobj=raw, mode="r:gz") as archive:
-        for count, member in enumerate(archive):
-            if count > 1000:
-                break
-            if member.isfile() and member.name.count("/") == 1 and member.name.endswith("/package.json"):
-                if member.size > MAX_MANIFEST:
-                    raise ValueError("package.json is too big")
-                stream = archive.extractfile(member)
-                if stream is not None:
-                    return read_limited(stream)
-    raise ValueError("the tarball holds no package.json")

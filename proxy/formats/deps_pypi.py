@@ -11,7 +11,6 @@ since PEP 440 lets an installer take one (no final release satisfies, or ``--pre
 from __future__ import annotations
 
 import re
-import tarfile
 from collections.abc import Callable
 from email.parser import BytesHeaderParser
 from typing import Any, BinaryIO
@@ -22,11 +21,11 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from proxy.formats.deps_base import (
-    MAX_MANIFEST,
     Declared,
     DependencyReader,
     RangeError,
     read_limited,
+    tar_top_member,
     zip_member,
 )
 
@@ -56,7 +55,7 @@ class PyPIDependencies(DependencyReader):
         elif filename.endswith(".zip"):
             text = zip_member(blob, lambda name: name.count("/") == 1 and name.endswith("/PKG-INFO"))
         else:
-            text = _tar_pkg_info(blob)
+            text = tar_top_member(blob, "PKG-INFO")
         return parse_metadata(text)
 
     def normalize(self, name: str) -> str:
@@ -105,18 +104,3 @@ def parse_metadata(text: bytes) -> list[Declared]:
 
 def _is_wheel_metadata(name: str) -> bool:
     return name.count("/") == 1 and name.endswith(".dist-info/METADATA")
-
-
-def _tar_pkg_info(blob: Callable[[], BinaryIO]) -> bytes:
-    """An sdist's top-level ``PKG-INFO``; only the first members are looked at (it comes early)."""
-    with blob() as raw, tarfile.open(fileobj=raw, mode="r:*") as archive:
-        for count, member in enumerate(archive):
-            if count > 1000:
-                break
-            if member.isfile() and member.name.count("/") == 1 and member.name.endswith("/PKG-INFO"):
-                if member.size > MAX_MANIFEST:
-                    raise ValueError("PKG-INFO is too big")
-                stream = archive.extractfile(member)
-                if stream is not None:
-                    return read_limited(stream)
-    raise ValueError("the sdist holds no PKG-INFO")

@@ -55,14 +55,8 @@ class DependencyStore:
 
     async def read_digests(self, digests: Iterable[str]) -> set[str]:
         """Which of these blobs have had their dependencies read already."""
-        wanted = sorted(set(digests))
-        done: set[str] = set()
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            sql = f"SELECT digest FROM dependency_sources WHERE digest IN ({','.join('?' * len(chunk))})"
-            async with self._index.db.execute(sql, chunk) as cur:
-                done.update(str(r[0]) for r in await cur.fetchall())
-        return done
+        sql = "SELECT digest FROM dependency_sources WHERE digest IN ({marks})"
+        return {str(r[0]) for r in await self._index.rows_in(sql, digests)}
 
     async def record(self, digest: str, fmt: str, declared: Sequence[Declared], error: str = "") -> None:
         """What a blob declares (or why it could not be read), once: a second record is a no-op."""
@@ -85,29 +79,16 @@ class DependencyStore:
 
     async def declared(self, digests: Iterable[str]) -> dict[str, list[Declared]]:
         """The dependencies each blob declares, in declaration order."""
-        wanted = sorted(set(digests))
-        found: dict[str, list[Declared]] = {d: [] for d in wanted}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            sql = (
-                "SELECT digest, package, range, kind, extras, condition FROM dependencies "
-                f"WHERE digest IN ({','.join('?' * len(chunk))}) ORDER BY digest, seq"
-            )
-            async with self._index.db.execute(sql, chunk) as cur:
-                for row in await cur.fetchall():
-                    found[str(row[0])].append(Declared(*(str(v) for v in row[1:])))
+        found: dict[str, list[Declared]] = {d: [] for d in set(digests)}
+        sql = (
+            "SELECT digest, package, range, kind, extras, condition FROM dependencies "
+            "WHERE digest IN ({marks}) ORDER BY digest, seq"
+        )
+        for row in await self._index.rows_in(sql, found):
+            found[str(row[0])].append(Declared(*(str(v) for v in row[1:])))
         return found
 
     async def errors(self, digests: Iterable[str]) -> dict[str, str]:
         """Why a blob's dependencies could not be read, for those that could not."""
-        wanted = sorted(set(digests))
-        found: dict[str, str] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            sql = (
-                "SELECT digest, error FROM dependency_sources "
-                f"WHERE error != '' AND digest IN ({','.join('?' * len(chunk))})"
-            )
-            async with self._index.db.execute(sql, chunk) as cur:
-                found.update((str(r[0]), str(r[1])) for r in await cur.fetchall())
-        return found
+        sql = "SELECT digest, error FROM dependency_sources WHERE error != '' AND digest IN ({marks})"
+        return {str(r[0]): str(r[1]) for r in await self._index.rows_in(sql, digests)}

@@ -94,6 +94,17 @@ class Index:
         """The shared connection, for the other query modules of ``storage/`` (catalog.py)."""
         return self._db
 
+    async def rows_in(self, sql: str, values: Iterable[str], *, chunk: int = 500) -> list[sqlite3.Row]:
+        """Every row of ``sql`` for these values, whose ``{marks}`` becomes ``?, ?, …``: one query
+        per chunk, as SQLite bounds the number of parameters of one statement."""
+        wanted = sorted(set(values))
+        rows: list[sqlite3.Row] = []
+        for start in range(0, len(wanted), chunk):
+            part = wanted[start : start + chunk]
+            async with self._db.execute(sql.format(marks=",".join("?" * len(part))), part) as cur:
+                rows += await cur.fetchall()
+        return rows
+
     def transaction(self, *, shared: bool = True) -> contextlib.AbstractAsyncContextManager[None]:
         """A write transaction (BEGIN IMMEDIATE … COMMIT), one at a time across the app.
 

@@ -57,14 +57,9 @@ class VerifyReport:
 
 
 async def _referenced(index: Index, digests: list[str]) -> set[str]:
-    """Which of ``digests`` some index row references (one indexed query per chunk)."""
-    found: set[str] = set()
-    for i in range(0, len(digests), CHUNK):
-        chunk = digests[i : i + CHUNK]
-        sql = f"SELECT DISTINCT digest FROM assets WHERE digest IN ({','.join('?' * len(chunk))})"
-        async with index.db.execute(sql, chunk) as cur:
-            found.update(str(r[0]) for r in await cur.fetchall())
-    return found
+    """Which of ``digests`` some index row references."""
+    sql = "SELECT DISTINCT digest FROM assets WHERE digest IN ({marks})"
+    return {str(r[0]) for r in await index.rows_in(sql, digests, chunk=CHUNK)}
 
 
 async def _usage(blobs: LocalBlobStore) -> int:
