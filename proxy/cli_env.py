@@ -42,15 +42,20 @@ MIN_RENEWAL = 1.0  # seconds: a smaller interval is a mistake, not a need
 Once = Callable[["Pipeline | None", argparse.Namespace], Awaitable[tuple[Any, list[str]]]]
 
 
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``login`` and ``env`` both need: the repository, the token's lifetime, the proxy."""
+    parser.add_argument("--domain", required=True)
+    parser.add_argument("--repo", required=True)
+    parser.add_argument("--duration", help="token lifetime, e.g. 1h (default from the proxy's config)")
+    parser.add_argument(
+        "--endpoint", help="the proxy's URL (default: server.public_url, else its listen address)"
+    )
+
+
 def add_env_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     env = sub.add_parser("env", parents=[common], help="print export lines that point tools at a repository")
     env.add_argument("--tool", action="append", required=True, choices=ENV_TOOLS, help="repeat for several")
-    env.add_argument("--domain", required=True)
-    env.add_argument("--repo", required=True)
-    env.add_argument("--duration", help="token lifetime, e.g. 1h (default from the proxy's config)")
-    env.add_argument(
-        "--endpoint", help="the proxy's URL (default: server.public_url, else its listen address)"
-    )
+    add_target_arguments(env)
     env.add_argument("--permissions", default="read", help="for a token issued locally (default read)")
     env.add_argument("--principal", default="ci", help="for a token issued locally (default ci)")
     env.add_argument("--npmrc", type=Path, help="where to write the npm config (default: a new temp file)")

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.cli_env import add_env_parser, renew_forever
+from proxy.cli_env import add_env_parser, add_target_arguments, renew_forever
 from proxy.config import ConfigError, parse_duration
 from proxy.errors import BadRequest, NotFound, ProxyError, Unauthorized
 from proxy.login import TOOLS, Target, default_path, masked, plan
@@ -65,12 +65,7 @@ def add_security_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     login = sub.add_parser("login", parents=[common], help="write a tool's config to use a repository")
     login.add_argument("--tool", required=True, choices=TOOLS)
-    login.add_argument("--domain", required=True)
-    login.add_argument("--repo", required=True)
-    login.add_argument("--duration", help="token lifetime, e.g. 12h")
-    login.add_argument(
-        "--endpoint", help="the proxy's URL (default: server.public_url, else its listen address)"
-    )
+    add_target_arguments(login)
     login.add_argument("--extra", action="store_true", help="add the repository beside the main index")
     login.add_argument("--scope", help="npm: route only this @scope to the repository")
     login.add_argument("--permissions", default="read,publish", help="for a token issued locally")
