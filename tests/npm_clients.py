@@ -10,6 +10,8 @@ the failure tests take a minute).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import os
 from pathlib import Path
 
@@ -70,3 +72,27 @@ async def npm(*args: str, cwd: Path, registry: str, cache: Path, timeout: float 
         await proc.wait()
         raise
     return ClientRun(proc.returncode or 0, out.decode(errors="replace"))
+
+
+def npm_publish_doc(name: str, version: str, data: bytes, **dist: str) -> dict[str, object]:
+    """The document ``npm publish`` PUTs: the manifest (``dist`` fields override the computed
+    integrity and shasum) and the tarball as an attachment named after the unscoped name."""
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+    manifest = {
+        "name": name,
+        "version": version,
+        "dist": {"integrity": integrity, "shasum": hashlib.sha1(data).hexdigest(), **dist},
+    }
+    basename = name.rsplit("/", 1)[-1]
+    return {
+        "name": name,
+        "dist-tags": {"latest": version},
+        "versions": {version: manifest},
+        "_attachments": {
+            f"{basename}-{version}.tgz": {
+                "content_type": "application/octet-stream",
+                "data": base64.b64encode(data).decode(),
+                "length": len(data),
+            }
+        },
+    }

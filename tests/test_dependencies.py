@@ -10,8 +10,6 @@ The answers are checked exactly, through the admin API and through the CLI.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import io
 import json
 import sys
@@ -34,6 +32,7 @@ from tests.fakes.maven import FakeMavenRepo, artifact_path
 from tests.fakes.npm import FakeNpmRegistry
 from tests.fakes.nuget import FakeNuGetFeed, build_nupkg
 from tests.fakes.pypi import FakePyPI
+from tests.npm_clients import npm_publish_doc
 
 API = "/-/api/v1/domains/default/repositories"
 
@@ -202,28 +201,6 @@ def npm_tarball(dest: Path, name: str, version: str, **fields: dict[str, str]) -
     path = dest / f"{name}-{version}.tgz"
     path.write_bytes(buf.getvalue())
     return path
-
-
-def npm_publish_doc(name: str, version: str, data: bytes) -> dict[str, Any]:
-    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    return {
-        "name": name,
-        "dist-tags": {"latest": version},
-        "versions": {
-            version: {
-                "name": name,
-                "version": version,
-                "dist": {"integrity": integrity, "shasum": hashlib.sha1(data).hexdigest()},
-            }
-        },
-        "_attachments": {
-            f"{name}-{version}.tgz": {
-                "content_type": "application/octet-stream",
-                "data": base64.b64encode(data).decode(),
-                "length": len(data),
-            }
-        },
-    }
 
 
 async def test_npm_dependencies_and_dependents(

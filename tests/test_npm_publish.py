@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from proxy.model import RepoRef
 from proxy.storage.catalog import OriginRule
 from tests.conftest import proxy_config, serve_config, temp_files
 from tests.fakes.npm import FakeNpmRegistry, build_tarball
-from tests.npm_clients import npm
+from tests.npm_clients import npm, npm_publish_doc
 
 TEAM = RepoRef("default", "team")
 
@@ -177,28 +175,6 @@ async def _put(http: aiohttp.ClientSession, url: str, doc: dict[str, object]) ->
         return resp.status, await resp.text()
 
 
-def _publish_doc(name: str, version: str, data: bytes, **dist: str) -> dict[str, object]:
-    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    manifest = {
-        "name": name,
-        "version": version,
-        "dist": {"integrity": integrity, "shasum": hashlib.sha1(data).hexdigest(), **dist},
-    }
-    basename = name.rsplit("/", 1)[-1]
-    return {
-        "name": name,
-        "dist-tags": {"latest": version},
-        "versions": {version: manifest},
-        "_attachments": {
-            f"{basename}-{version}.tgz": {
-                "content_type": "application/octet-stream",
-                "data": base64.b64encode(data).decode(),
-                "length": len(data),
-            }
-        },
-    }
-
-
 async def test_bad_publishes_are_400_and_keep_nothing(
     registry: Registry, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -206,9 +182,9 @@ async def test_bad_publishes_are_400_and_keep_nothing(
     data = await asyncio.to_thread(tarball.read_bytes)
     url = registry.repo("team") + "good-pkg"
     cases: list[tuple[dict[str, object], str]] = [
-        (_publish_doc("good-pkg", "1.0.0", data, integrity="sha512-" + "A" * 86 + "=="), "integrity"),
-        (_publish_doc("other-pkg", "1.0.0", data), "the URL"),
-        (_publish_doc("good-pkg", "2.0.0", data), "package.json says"),
+        (npm_publish_doc("good-pkg", "1.0.0", data, integrity="sha512-" + "A" * 86 + "=="), "integrity"),
+        (npm_publish_doc("other-pkg", "1.0.0", data), "the URL"),
+        (npm_publish_doc("good-pkg", "2.0.0", data), "package.json says"),
         ({"name": "good-pkg", "versions": {}}, "_attachments"),
     ]
     for doc, message in cases:
@@ -218,5 +194,5 @@ async def test_bad_publishes_are_400_and_keep_nothing(
     async with http.put(url, data=b"{not json") as resp:
         assert resp.status == 400
     assert await asyncio.to_thread(temp_files, registry.data_dir) == []
-    status, text = await _put(http, url, _publish_doc("good-pkg", "1.0.0", data))
+    status, text = await _put(http, url, npm_publish_doc("good-pkg", "1.0.0", data))
     assert status == 201, text

@@ -11,7 +11,6 @@ started again on the same directory and :func:`scan` checks what DESIGN.md invar
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import gzip
@@ -413,28 +412,6 @@ def npm_tarball(name: str, version: str, payload: int = 0) -> bytes:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(body))
     return gzip.compress(raw.getvalue(), mtime=0)
-
-
-def npm_publish_doc(name: str, version: str, data: bytes) -> dict[str, object]:
-    """The document ``npm publish`` PUTs: the manifest and the tarball as an attachment."""
-    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    manifest = {
-        "name": name,
-        "version": version,
-        "dist": {"integrity": integrity, "shasum": hashlib.sha1(data).hexdigest()},
-    }
-    return {
-        "name": name,
-        "dist-tags": {"latest": version},
-        "versions": {version: manifest},
-        "_attachments": {
-            f"{name}-{version}.tgz": {
-                "content_type": "application/octet-stream",
-                "data": base64.b64encode(data).decode(),
-                "length": len(data),
-            }
-        },
-    }
 
 
 def listed_files(body: bytes) -> dict[str, str]:

@@ -43,6 +43,7 @@ from tests.fakes.nuget import build_nupkg
 from tests.fakes.pypi import FakePyPI
 from tests.faults.report import GroupLedger
 from tests.maven_clients import pom_xml
+from tests.npm_clients import npm_publish_doc
 
 GROUP = "5 authn/authz"
 
@@ -156,29 +157,6 @@ def npm_tarball(name: str, version: str, marker: str) -> bytes:
             info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
             tf.addfile(info, io.BytesIO(data))
     return gzip.compress(raw.getvalue(), mtime=0)
-
-
-def npm_publish_doc(name: str, version: str, data: bytes) -> dict[str, object]:
-    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    basename = name.rsplit("/", 1)[-1]
-    return {
-        "name": name,
-        "dist-tags": {"latest": version},
-        "versions": {
-            version: {
-                "name": name,
-                "version": version,
-                "dist": {"integrity": integrity, "shasum": hashlib.sha1(data).hexdigest()},
-            }
-        },
-        "_attachments": {
-            f"{basename}-{version}.tgz": {
-                "content_type": "application/octet-stream",
-                "data": base64.b64encode(data).decode(),
-                "length": len(data),
-            }
-        },
-    }
 
 
 @dataclass

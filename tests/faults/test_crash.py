@@ -39,7 +39,6 @@ from tests.faults.crashkit import (
     fetch,
     listed_files,
     multipart_upload,
-    npm_publish_doc,
     npm_tarball,
     require_strace,
     run_traced,
@@ -47,6 +46,7 @@ from tests.faults.crashkit import (
     sha,
 )
 from tests.faults.report import GroupLedger
+from tests.npm_clients import npm_publish_doc
 
 GROUP = "3 crash consistency"
 

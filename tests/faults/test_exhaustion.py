@@ -13,7 +13,6 @@ an index that other processes write to at the same time, as the CLI and other wo
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import errno
 import hashlib
@@ -46,6 +45,7 @@ from tests.fakes.nuget import build_nupkg
 from tests.fakes.pypi import FakePyPI
 from tests.faults.hostile import Exchange, HostileUpstream, Rule, answer, endless, header_flood
 from tests.faults.report import GroupLedger
+from tests.npm_clients import npm_publish_doc
 
 GROUP = "4 resource exhaustion"
 
@@ -726,28 +726,6 @@ def npm_tarball(name: str, version: str) -> bytes:
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
-
-
-def npm_publish_doc(name: str, version: str, data: bytes) -> dict[str, Any]:
-    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    return {
-        "name": name,
-        "dist-tags": {"latest": version},
-        "versions": {
-            version: {
-                "name": name,
-                "version": version,
-                "dist": {"integrity": integrity, "shasum": hashlib.sha1(data).hexdigest()},
-            }
-        },
-        "_attachments": {
-            f"{name}-{version}.tgz": {
-                "content_type": "application/octet-stream",
-                "data": base64.b64encode(data).decode(),
-                "length": len(data),
-            }
-        },
-    }
 
 
 def other_writer(data_dir: Path, stop: threading.Event) -> int:

@@ -35,8 +35,9 @@ from tests.fakes.nuget import FakeNuGetFeed, build_nupkg
 from tests.fakes.pypi import FakePyPI
 from tests.faults.hostile import Exchange, HostileUpstream
 from tests.faults.report import GroupLedger
-from tests.faults.test_auth_matrix import ADMIN, basic, bearer, npm_publish_doc, npm_tarball
+from tests.faults.test_auth_matrix import ADMIN, basic, bearer, npm_tarball
 from tests.maven_clients import pom_xml
+from tests.npm_clients import npm_publish_doc
 
 GROUP = "8 secrets"
 

@@ -13,8 +13,6 @@ written outside the data directory, and no header a client or upstream smuggled 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import io
 import json
 import re
@@ -36,6 +34,7 @@ from tests.fakes.nuget import FakeNuGetFeed, build_nupkg
 from tests.fakes.pypi import FakePyPI
 from tests.faults.hostile import Exchange, HostileUpstream, answer, mutated
 from tests.faults.report import GroupLedger
+from tests.npm_clients import npm_publish_doc
 
 GROUP = "6 injection/traversal"
 
@@ -593,27 +592,6 @@ def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
     return info
 
 
-def npm_doc(name: str, version: str, data: bytes) -> dict[str, Any]:
-    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    manifest = {
-        "name": name,
-        "version": version,
-        "dist": {"integrity": integrity, "shasum": hashlib.sha1(data).hexdigest()},
-    }
-    return {
-        "name": name,
-        "dist-tags": {"latest": version},
-        "versions": {version: manifest},
-        "_attachments": {
-            f"{name}-{version}.tgz": {
-                "content_type": "application/octet-stream",
-                "data": base64.b64encode(data).decode(),
-                "length": len(data),
-            }
-        },
-    }
-
-
 async def test_archives_with_traversal_members_and_xml_entities(
     proxy_factory: ProxyFactory,
     pypi: FakePyPI,
@@ -668,7 +646,9 @@ async def test_archives_with_traversal_members_and_xml_entities(
             if i == 0
             else data
         )
-        status = await send(f"npm {label}", "PUT", f"{npm_base}/trav", json=npm_doc("trav", version, body))
+        status = await send(
+            f"npm {label}", "PUT", f"{npm_base}/trav", json=npm_publish_doc("trav", version, body)
+        )
         if i:
             assert status == 400, (label, status, answers[-1][2][:200])  # no readable package.json
 
