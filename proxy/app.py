@@ -100,6 +100,16 @@ class Services:
     webhooks: WebhookDispatcher
 
 
+def open_index(config: Config) -> Index:
+    """The SQLite file in the data directory, or the cluster's PostgreSQL (``[index] url``)."""
+    if config.index.url is not None:
+        from proxy.storage.postgres import PostgresIndex  # asyncpg only where a cluster needs it
+
+        return PostgresIndex(config.index.url, config.index.pool_size)
+    data_dir = config.server.data_dir
+    return Index(data_dir / "index.sqlite3", Generation(data_dir / "generation"))
+
+
 def build_services(
     config: Config,
     *,
@@ -113,7 +123,7 @@ def build_services(
     its pages go to a directory of its own and cold keys take cross-process locks.
     """
     data_dir = config.server.data_dir
-    index = Index(data_dir / "index.sqlite3", Generation(data_dir / "generation"))
+    index = open_index(config)
     sealer = build_sealer(config.server, os.environ)
     blobs = build_blob_store(data_dir, config.storage, os.environ, sealer)
     # A worker stages in a directory of its own, which it clears when it (re)starts: the
@@ -207,8 +217,8 @@ def build_app(
         await registry.reload()
         await pipeline.policies.load()
 
-    assert index.generation is not None
-    watcher = ChangeWatcher(index.generation, catch_up)
+    assert index.changes is not None
+    watcher = ChangeWatcher(index.changes, catch_up)
     app = web.Application(
         middlewares=[
             request_id_middleware,
@@ -429,7 +439,7 @@ async def _housekeeping(
         try:
             # Requests catch up before they are served; this keeps an idle worker current too.
             # (Not SQLite's data_version: other workers' audit and access-time writes move it.)
-            if index.generation is not None and index.generation.changed():
+            if index.changes is not None and index.changes.changed():
                 await watcher.catch_up()
                 log.info("the index was changed by another process; reloaded repositories")
             if time.monotonic() - last_touch >= TOUCH_INTERVAL:

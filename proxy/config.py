@@ -252,11 +252,27 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IndexConfig:
+    """``[index]``: where the index lives. ``url`` None is the SQLite file in the data directory
+    (one machine, the fast path); ``postgresql://…`` is a database shared by every node of a
+    cluster (storage/postgres.py). The URL may carry a password: it is never logged."""
+
+    url: str | None = None
+    pool_size: int = 10  # connections per process to PostgreSQL
+
+    @property
+    def shared(self) -> bool:
+        """Whether several nodes share this index (and must coordinate through it)."""
+        return self.url is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     domains: tuple[DomainConfig, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
@@ -339,9 +355,10 @@ def load_config(overrides: Overrides, env: Mapping[str, str]) -> Config:
 
 def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str, str]) -> Config:
     """Validate a decoded TOML document and apply overrides."""
-    _only_keys(raw, "", {"server", "storage", "upstreams", "domains", "webhooks"})
+    _only_keys(raw, "", {"server", "storage", "index", "upstreams", "domains", "webhooks"})
     server = _parse_server(_table(raw, "server"), overrides)
     storage = parse_storage(_table(raw, "storage"))
+    index = parse_index(_table(raw, "index"), env)
     upstreams_raw = _table(raw, "upstreams")
     upstreams: dict[str, UpstreamConfig] = {}
     notes: list[str] = []
@@ -366,6 +383,7 @@ def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str,
     config = Config(
         server=server,
         storage=storage,
+        index=index,
         upstreams=upstreams,
         domains=domains,
         notes=tuple(notes),
@@ -373,6 +391,24 @@ def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str,
     )
     check_upstream_graph(config)
     return config
+
+
+def parse_index(raw: Mapping[str, Any], env: Mapping[str, str]) -> IndexConfig:
+    """``[index]``. ``ARTIFACT_PROXY_INDEX_URL`` wins over the file, so a container can take the
+    database URL (and its password) from a secret rather than from a file anyone can read."""
+    p = "index"
+    _only_keys(raw, p, {"url", "pool_size"})
+    url = env.get("ARTIFACT_PROXY_INDEX_URL") or _get(raw, "url", p, str, None)
+    if url is not None:
+        scheme = urlsplit(url).scheme
+        if scheme not in {"postgresql", "postgres"}:
+            raise ConfigError(f"index.url: expected a postgresql:// URL, got a {scheme or 'relative'}: URL")
+        if not urlsplit(url).path.strip("/"):
+            raise ConfigError("index.url: name the database, as in postgresql://proxy@db/proxy")
+    pool = _get(raw, "pool_size", p, int, IndexConfig().pool_size)
+    if not 2 <= pool <= 200:
+        raise ConfigError("index.pool_size: between 2 and 200 connections")
+    return IndexConfig(url=url, pool_size=pool)
 
 
 def parse_storage(raw: Mapping[str, Any]) -> StorageConfig:

@@ -8,6 +8,7 @@ in the client tests).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,7 +29,7 @@ from tests.fakes.dists import build_sdist, build_wheel
 from tests.fakes.pypi import FakePyPI
 
 # The fault suite's report hooks, here so that an xdist controller (which collects nothing) has them.
-pytest_plugins = ["tests.faults.plugin"]
+pytest_plugins = ["tests.faults.plugin", "tests.postgres", "tests.cluster"]
 
 # ``serve`` runs one worker per CPU by default; proxies the tests start as processes stay single
 # processes (their crash and signal semantics) unless a test asks for ``--workers`` itself.
@@ -39,6 +40,10 @@ os.environ.setdefault("ARTIFACT_PROXY_WORKERS", "1")
 def blockbuster() -> Iterator[BlockBuster]:
     """Fail any test whose event loop makes a blocking call (sync code outside a loop is fine)."""
     with blockbuster_ctx() as bb:
+        # asyncpg reads ~/.pgpass and TLS files when it opens a connection: once per pooled
+        # connection, which lives for the process, so not worth a thread hop.
+        for function in bb.functions.values():
+            function.can_block_in("asyncpg/connect_utils.py", "_parse_connect_dsn_and_args")
         yield bb
 
 
@@ -171,8 +176,29 @@ upstreams = ["public"]
     )
 
 
+async def on_postgres(raw: dict[str, Any]) -> dict[str, Any]:
+    """With ``ARTIFACT_PROXY_TEST_ALL_ON_POSTGRES=postgresql://…/postgres`` set, the proxies of the
+    in-process tests keep their index in PostgreSQL: one database per data directory (so a
+    restart on the same directory finds its index). A way to run any test module against the
+    cluster's index backend; tests that read the SQLite file directly do not apply then."""
+    server_url = os.environ.get("ARTIFACT_PROXY_TEST_ALL_ON_POSTGRES")
+    if not server_url or "index" in raw:
+        return raw
+    import asyncpg
+
+    name = "t_" + hashlib.sha256(str(raw["server"]["data_dir"]).encode()).hexdigest()[:20]
+    conn = await asyncpg.connect(server_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname=$1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return {**raw, "index": {"url": server_url.rsplit("/", 1)[0] + "/" + name}}
+
+
 async def serve_config(raw: dict[str, Any], *, port: int = 0) -> tuple[Config, web.AppRunner, str]:
     """The real application for a config document, served on 127.0.0.1 by this event loop."""
+    raw = await on_postgres(raw)
     config = parse_config(raw, Overrides(), os.environ)
     runner = web.AppRunner(build_app(config), access_log_class=AccessLogger)
     await runner.setup()

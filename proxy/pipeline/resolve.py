@@ -513,7 +513,9 @@ class Resolver:
                     f"the upstream declared a malformed sha256 for {filename}", detail={"filename": filename}
                 ) from None
             info = await self._blobs.stat(digest)
-            if info is not None:  # same bytes already stored for another repository or name
+            # Same bytes already stored for another repository or name (or, in an object store,
+            # by another node): brought to this node's disk first, as a hit's are by _intact.
+            if info is not None and await self._blobs.locate(digest, fetch=False) != "missing":
                 record = self._record(ref, adapter, package, entry, info)
                 await self._commit_rows([record])
                 return AssetHandle(CacheStatus.HIT, record=record)

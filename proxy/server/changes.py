@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.errors import Handler
-from proxy.storage.generation import Generation
+from proxy.storage.generation import ChangeCounter
 
 log = logging.getLogger("proxy.changes")
 
@@ -28,7 +28,7 @@ log = logging.getLogger("proxy.changes")
 class ChangeWatcher:
     """See the module docstring. ``reload`` does the dropping and reloading."""
 
-    def __init__(self, generation: Generation, reload: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, generation: ChangeCounter, reload: Callable[[], Awaitable[None]]) -> None:
         self._generation = generation
         self._reload = reload
         self._running: asyncio.Task[None] | None = None

@@ -93,7 +93,8 @@ class Catalog:
         """Create a domain; False if it existed."""
         async with self._index.transaction():
             cur = await self._index.db.execute(
-                "INSERT OR IGNORE INTO domains (name, created_at) VALUES (?, ?)", (name, time.time())
+                "INSERT INTO domains (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (name, time.time()),
             )
             return cur.rowcount > 0
 
@@ -182,7 +183,8 @@ class Catalog:
             await db.execute(
                 "INSERT INTO versions (domain, repository, format, package, version, status, "
                 "attributes, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT DO UPDATE SET updated_at=excluded.updated_at, "
+                "ON CONFLICT (domain, repository, format, package, version) "
+                "DO UPDATE SET updated_at=excluded.updated_at, "
                 "attributes=json_patch(versions.attributes, excluded.attributes)",
                 (
                     version.repo.domain,
@@ -294,8 +296,9 @@ class Catalog:
     async def put_tag(self, repo: RepoRef, fmt: str, package: str, tag: str, version: str) -> None:
         async with self._index.transaction():
             await self._index.db.execute(
-                "INSERT OR REPLACE INTO package_tags (domain, repository, format, package, tag, "
-                "version, updated_at) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO package_tags (domain, repository, format, package, tag, version, updated_at) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (domain, repository, format, package, tag) "
+                "DO UPDATE SET version=excluded.version, updated_at=excluded.updated_at",
                 (repo.domain, repo.repository, fmt, package, tag, version, time.time()),
             )
 
@@ -321,8 +324,9 @@ class Catalog:
     async def put_origin_rule(self, repo: RepoRef, fmt: str, rule: OriginRule) -> None:
         async with self._index.transaction():
             await self._index.db.execute(
-                "INSERT OR REPLACE INTO origin_rules (domain, repository, format, pattern, publish, "
-                "upstream) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO origin_rules (domain, repository, format, pattern, publish, upstream) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (domain, repository, format, pattern) "
+                "DO UPDATE SET publish=excluded.publish, upstream=excluded.upstream",
                 (repo.domain, repo.repository, fmt, rule.pattern, rule.publish, rule.upstream),
             )
 
@@ -345,8 +349,9 @@ class Catalog:
     async def put_quarantine(self, repo: RepoRef, fmt: str, entry: QuarantineEntry) -> None:
         async with self._index.transaction():
             await self._index.db.execute(
-                "INSERT OR REPLACE INTO quarantine (domain, repository, format, pattern, reason, "
-                "created_at) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO quarantine (domain, repository, format, pattern, reason, created_at) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (domain, repository, format, pattern) "
+                "DO UPDATE SET reason=excluded.reason, created_at=excluded.created_at",
                 (repo.domain, repo.repository, fmt, entry.pattern, entry.reason, time.time()),
             )
 

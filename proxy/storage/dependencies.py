@@ -62,8 +62,8 @@ class DependencyStore:
         """What a blob declares (or why it could not be read), once: a second record is a no-op."""
         async with self._index.transaction(shared=False):
             cur = await self._index.db.execute(
-                "INSERT OR IGNORE INTO dependency_sources (digest, format, parsed_at, error) "
-                "VALUES (?,?,?,?)",
+                "INSERT INTO dependency_sources (digest, format, parsed_at, error) "
+                "VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                 (digest, fmt, time.time(), error),
             )
             if cur.rowcount == 0:

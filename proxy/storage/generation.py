@@ -22,6 +22,22 @@ import mmap
 import os
 import struct
 from pathlib import Path
+from typing import Protocol
+
+
+class ChangeCounter(Protocol):
+    """What server/changes.py reads: this file's counter on one machine, or the cluster's
+    (storage/postgres.py ``ClusterGeneration``) when nodes share a PostgreSQL index."""
+
+    seen: int
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def read(self) -> int: ...
+
+    def changed(self) -> bool: ...
+
 
 _SIZE = 8
 _FORMAT = "<Q"

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiosqlite
 
 from proxy.model import AssetRecord, Digest, RepoRef
-from proxy.storage.generation import Generation
+from proxy.storage.generation import ChangeCounter, Generation
 
 BUSY_TIMEOUT = 5.0  # seconds a write waits for another process's write to finish
 
@@ -80,7 +80,7 @@ def _migrations() -> list[tuple[int, str]]:
 class Index:
     """Typed queries over the index; the only code that writes SQL."""
 
-    def __init__(self, path: Path, generation: Generation | None = None) -> None:
+    def __init__(self, path: Path | None, generation: Generation | None = None) -> None:
         self.path = path
         # Bumped after every commit other processes must see at once (storage/generation.py).
         self.generation = generation
@@ -88,6 +88,21 @@ class Index:
         # One connection is shared by every coroutine: writes take turns, so one coroutine's
         # transaction never swallows (or rolls back) another's statements.
         self._write_lock = asyncio.Lock()
+
+    @property
+    def changes(self) -> ChangeCounter | None:
+        """The counter every commit others must see moves (server/changes.py reads it)."""
+        return self.generation
+
+    @property
+    def dialect(self) -> str:
+        """ "sqlite" here; "postgresql" for a cluster's shared index (storage/postgres.py)."""
+        return "sqlite"
+
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes (machines) share this index."""
+        return self.dialect != "sqlite"
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -169,6 +184,7 @@ class Index:
                 logging.getLogger("proxy.index").warning(
                     "no change counter (%s): changes made here are not announced to running workers", exc
                 )
+        assert self.path is not None
         self._conn = await aiosqlite.connect(self.path, isolation_level=None)
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
@@ -337,8 +353,12 @@ class Index:
     async def put_document(self, doc: DocumentRow) -> None:
         async with self._transaction(shared=False):
             await self._db.execute(
-                "INSERT OR REPLACE INTO documents (upstream, doc_key, url, body, content_type, etag, "
-                "last_modified, serial, fetched_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO documents (upstream, doc_key, url, body, content_type, etag, "
+                "last_modified, serial, fetched_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (upstream, doc_key) DO UPDATE SET url=excluded.url, body=excluded.body, "
+                "content_type=excluded.content_type, etag=excluded.etag, "
+                "last_modified=excluded.last_modified, serial=excluded.serial, "
+                "fetched_at=excluded.fetched_at, expires_at=excluded.expires_at",
                 (
                     doc.upstream,
                     doc.key,
@@ -373,7 +393,8 @@ class Index:
     async def put_negative(self, upstream: str, key: str, expires_at: float) -> None:
         async with self._transaction(shared=False):
             await self._db.execute(
-                "INSERT OR REPLACE INTO negative_cache (upstream, doc_key, expires_at) VALUES (?,?,?)",
+                "INSERT INTO negative_cache (upstream, doc_key, expires_at) VALUES (?,?,?) "
+                "ON CONFLICT (upstream, doc_key) DO UPDATE SET expires_at=excluded.expires_at",
                 (upstream, key, expires_at),
             )
 
