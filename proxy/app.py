@@ -67,12 +67,13 @@ from proxy.storage.crypto import Sealer, StaticKeys
 from proxy.storage.generation import Generation
 from proxy.storage.hot import HotCache
 from proxy.storage.index import Index
+from proxy.storage.leases import LeaseBusy, node_id
 from proxy.storage.local import LocalBlobStore
-from proxy.storage.locks import KeyLocks
+from proxy.storage.locks import KeyLockGroup, KeyLocks
 from proxy.storage.page_files import PageFiles
 from proxy.storage.staging import StagingArea
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.credentials import build_provider
+from proxy.upstream.credentials import build_provider, shared_renewal
 from proxy.upstream.flight import FlightGroup
 from proxy.webhooks import WebhookDispatcher
 
@@ -105,9 +106,20 @@ def open_index(config: Config) -> Index:
     if config.index.url is not None:
         from proxy.storage.postgres import PostgresIndex  # asyncpg only where a cluster needs it
 
-        return PostgresIndex(config.index.url, config.index.pool_size)
+        return PostgresIndex(config.index.url, config.index.pool_size, config.index.startup_wait)
     data_dir = config.server.data_dir
     return Index(data_dir / "index.sqlite3", Generation(data_dir / "generation"))
+
+
+def key_locks(config: Config, worker: WorkerRole | None) -> KeyLockGroup | None:
+    """Who takes turns on a cold key: nobody else (one process), this machine's workers (an
+    flock per key), or every node of the cluster (an advisory lock on top of the flock)."""
+    local = KeyLocks(config.server.data_dir / "locks") if worker else None
+    if config.index.url is None:
+        return local
+    from proxy.storage.cluster import ClusterLocks
+
+    return ClusterLocks(config.index.url, local)
 
 
 def build_services(
@@ -133,19 +145,23 @@ def build_services(
     hot = HotCache(
         config.server.hot_cache_entries, config.server.memory_cache_size, on_page_drop=page_files.retire
     )
+    # Expiring upstream tokens are renewed once for all processes sharing the index (sealed
+    # with the encryption key; without one, each process renews its own: upstream/credentials.py).
+    shared = shared_renewal(index, sealer, config.upstreams) if upstreams else None
     clients = (
         {
-            name: UpstreamClient(up, build_provider(name, up.format, up.credentials))
+            name: UpstreamClient(up, build_provider(name, up.format, up.credentials, shared=shared))
             for name, up in config.upstreams.items()
         }
         if upstreams
         else {}
     )
     server = config.server
+    locks = key_locks(config, worker)
     # A worker waits for another's download at most as long as that download may take.
     flights = (
-        FlightGroup(KeyLocks(data_dir / "locks"), server.asset_timeout + 30, data_dir / "tmp")
-        if worker
+        FlightGroup(locks, server.asset_timeout + 30, data_dir / "tmp")
+        if locks is not None
         else FlightGroup()
     )
     audit = AuditLog(index, fetches=server.audit_fetches, file=server.audit_file)
@@ -154,7 +170,7 @@ def build_services(
     tokens = TokenStore(
         index, server.token_default_duration, server.token_min_duration, server.token_max_duration
     )
-    documents = DocumentCache(index, config.server, KeyLocks(data_dir / "locks") if worker else None)
+    documents = DocumentCache(index, config.server, locks)
     catalog = Catalog(index)
     registry = RepositoryRegistry(catalog, config.upstreams)
     fetcher = Fetcher(config.server, blobs, staging)
@@ -239,7 +255,7 @@ def build_app(
 
         app.on_response_prepare.append(name_worker)
 
-    SystemRoutes(index, data_dir, pipeline.audit, clients).register(app.router)
+    SystemRoutes(index, data_dir, pipeline.audit, clients, blobs).register(app.router)
     app.router.add_get("/-/metrics", metrics.handle)
     SecurityRoutes(pipeline.tokens, pipeline.audit, access, pipeline.policies).register(app.router)
 
@@ -374,6 +390,7 @@ def build_app(
                 await toucher
             await flights.aclose()
             await documents.aclose()
+            await flights.close_locks()
             for client in clients.values():
                 await client.close()
             with contextlib.suppress(Exception):
@@ -431,9 +448,11 @@ async def _housekeeping(
     worker: WorkerRole | None,
 ) -> None:
     """Every few seconds: catch up with other processes' changes; now and then, access times
-    and gc (in one worker only: N workers evicting at once would only race each other)."""
+    and gc (tried in one worker only, and run by one process of all that share the index at a
+    time: the ``gc`` lease, storage/leases.py; a round another holds it for is skipped)."""
     last_touch = last_gc = time.monotonic()
     gc_here = worker is None or worker.index == 0
+    holder = node_id()
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
         try:
@@ -451,7 +470,12 @@ async def _housekeeping(
             if gc_here and budget and time.monotonic() - last_gc >= config.server.gc_interval:
                 last_gc = time.monotonic()
                 await resolver.flush_touches()  # eviction goes by last access: make it current
-                report = await lifecycle.gc(index, blobs, budget)
+                try:
+                    async with lifecycle.gc_lease(index, holder):
+                        report = await lifecycle.gc(index, blobs, budget)
+                except LeaseBusy as busy:
+                    log.info("gc: skipped this round, %s is running gc or verify", busy.info.holder)
+                    continue
                 if report.evicted or report.blobs_deleted:
                     resolver.index_changed_elsewhere()
                     log.info(

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.cli_admin import add_admin_parsers, administer, administer_security, common_options
+from proxy.cli_cluster import add_cluster_parsers
 from proxy.config import Config, ConfigError, Overrides, load_config
 from proxy.server.workers import WorkerRole, become_worker, default_count, supervise
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     common_options(check)
     add_admin_parsers(sub)
+    add_cluster_parsers(sub)
     return parser
 
 
@@ -123,6 +125,8 @@ def serve(
             loop=loop,
         )
         status = 0
+    except ConnectionError as exc:  # the cluster's index database never answered (no traceback)
+        print(f"artifact-proxy: {exc}", file=sys.stderr)
     except Exception:
         if worker is None:
             raise
@@ -170,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(
             config, args.log_level, args.log_format, reload_config=lambda: load(args), worker=args.worker
         )
+    if getattr(args, "cluster", None) is not None:
+        return int(args.cluster(config, args))
     if getattr(args, "security", None) is not None:
         return administer_security(config, args)
     if getattr(args, "run", None) is not None:

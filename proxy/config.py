@@ -259,6 +259,8 @@ class IndexConfig:
 
     url: str | None = None
     pool_size: int = 10  # connections per process to PostgreSQL
+    # How long a node starting before its database waits for it (then exits, saying why).
+    startup_wait: float = 60.0
 
     @property
     def shared(self) -> bool:
@@ -397,7 +399,7 @@ def parse_index(raw: Mapping[str, Any], env: Mapping[str, str]) -> IndexConfig:
     """``[index]``. ``ARTIFACT_PROXY_INDEX_URL`` wins over the file, so a container can take the
     database URL (and its password) from a secret rather than from a file anyone can read."""
     p = "index"
-    _only_keys(raw, p, {"url", "pool_size"})
+    _only_keys(raw, p, {"url", "pool_size", "startup_wait"})
     url = env.get("ARTIFACT_PROXY_INDEX_URL") or _get(raw, "url", p, str, None)
     if url is not None:
         scheme = urlsplit(url).scheme
@@ -408,7 +410,10 @@ def parse_index(raw: Mapping[str, Any], env: Mapping[str, str]) -> IndexConfig:
     pool = _get(raw, "pool_size", p, int, IndexConfig().pool_size)
     if not 2 <= pool <= 200:
         raise ConfigError("index.pool_size: between 2 and 200 connections")
-    return IndexConfig(url=url, pool_size=pool)
+    wait = IndexConfig().startup_wait
+    if "startup_wait" in raw:
+        wait = parse_duration(raw["startup_wait"], f"{p}.startup_wait")
+    return IndexConfig(url=url, pool_size=pool, startup_wait=wait)
 
 
 def parse_storage(raw: Mapping[str, Any]) -> StorageConfig:

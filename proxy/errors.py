@@ -121,6 +121,14 @@ class PublishBlocked(ProxyError):
     code = "publish_blocked"
 
 
+class IndexUnavailable(ProxyError):
+    """The cluster's index database (storage/postgres.py) is unreachable or shutting down:
+    nothing was committed; readiness fails meanwhile, so a load balancer takes the node out."""
+
+    status = 503
+    code = "index_unavailable"
+
+
 class StorageUnavailable(ProxyError):
     """The blob backend's object store refused, timed out or failed (storage/s3.py): blobs on
     this node's disk are still served, others wait for the store to come back."""

@@ -31,7 +31,7 @@ from proxy.config import ServerConfig
 from proxy.errors import Offline, UpstreamCorrupt, UpstreamTimeout, UpstreamUnavailable
 from proxy.model import CacheStatus
 from proxy.storage.index import DocumentRow, Index
-from proxy.storage.locks import KeyLocks
+from proxy.storage.locks import KeyLockGroup
 from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger("proxy.documents")
@@ -65,7 +65,7 @@ class FetchedDocument:
 class DocumentCache:
     """Gets documents through the index, refreshing them from upstreams as freshness requires."""
 
-    def __init__(self, index: Index, server: ServerConfig, locks: KeyLocks | None = None) -> None:
+    def __init__(self, index: Index, server: ServerConfig, locks: KeyLockGroup | None = None) -> None:
         self._index = index
         self._server = server
         self._locks = locks

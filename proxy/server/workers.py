@@ -114,6 +114,9 @@ def supervise(config: Config, argv: Sequence[str], count: int) -> int:
         except ConfigError as exc:
             print(f"artifact-proxy: configuration error: {exc}", file=sys.stderr)
             return 2
+        except ConnectionError as exc:  # the cluster's index database never answered
+            print(f"artifact-proxy: {exc}", file=sys.stderr)
+            return 1
         extra = ["--listen", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         return _Supervisor(list(argv) + extra, count, config.server.shutdown_timeout).run()
     finally:

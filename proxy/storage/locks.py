@@ -27,6 +27,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
+from typing import Protocol
 
 FIRST_WAIT = 0.005
 MAX_WAIT = 0.1
@@ -42,6 +43,28 @@ class Held:
 
     async def announce(self, note: bytes) -> None:
         await asyncio.to_thread(_write_note, self._fd, note)
+
+
+class HeldKey(Protocol):
+    """A held key: ``waited`` when another process on this machine held it first."""
+
+    waited: bool
+
+    async def announce(self, note: bytes) -> None: ...
+
+
+class KeyLockGroup(Protocol):
+    """Per-key locks across processes: :class:`KeyLocks` on one machine, or the cluster's
+    (storage/cluster.py) when nodes share a PostgreSQL index."""
+
+    def hold(
+        self,
+        key: Hashable,
+        patience: float | None = None,
+        on_wait: Callable[[], Awaitable[None]] | None = None,
+    ) -> contextlib.AbstractAsyncContextManager[HeldKey]: ...
+
+    async def note(self, key: Hashable) -> bytes: ...
 
 
 class KeyLocks:

@@ -34,6 +34,7 @@ from typing import Any
 
 import asyncpg
 
+from proxy.errors import IndexUnavailable
 from proxy.storage.index import Index
 
 log = logging.getLogger("proxy.index")
@@ -45,6 +46,31 @@ MIGRATE_LOCK = 0x70726F78_79000002  # "proxy" 2: one node migrates, the others w
 CHANNEL = "proxy_changes"
 POLL_INTERVAL = 1.0  # seconds between change-counter polls when notifications may be lost
 CONNECT_TIMEOUT = 5.0
+
+# What a database that is down, restarting or out of reach raises; anything else (a constraint,
+# a syntax error) is a bug and stays a 500.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@contextlib.asynccontextmanager
+async def reachable() -> AsyncIterator[None]:
+    """Turn "the database is not there" into a 503 that names the index, not the URL (which
+    may carry a password) and not a traceback."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise IndexUnavailable(
+            f"the index database is unavailable ({type(exc).__name__}); try again shortly"
+        ) from exc
 
 
 @functools.lru_cache(maxsize=1024)
@@ -88,6 +114,10 @@ class PgCursor:
     async def fetchall(self) -> list[asyncpg.Record]:
         return self._rows
 
+    async def __aiter__(self) -> AsyncIterator[asyncpg.Record]:  # ``async for row in cur`` (audit verify)
+        for row in self._rows:
+            yield row
+
     async def close(self) -> None:
         return None
 
@@ -130,19 +160,21 @@ class PgConnection:
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         conn = self._bound()
-        if conn is not None:
-            await conn.executemany(to_postgres(sql), list(rows))
-            return
-        async with self.pool.acquire() as pooled:
-            await pooled.executemany(to_postgres(sql), list(rows))
+        async with reachable():
+            if conn is not None:
+                await conn.executemany(to_postgres(sql), list(rows))
+                return
+            async with self.pool.acquire() as pooled:
+                await pooled.executemany(to_postgres(sql), list(rows))
 
     async def run(self, sql: str, args: Sequence[Any]) -> PgCursor:
         text = to_postgres(sql)
         conn = self._bound()
-        if conn is not None:
-            return await _statement(conn, text, args)
-        async with self.pool.acquire() as pooled:
-            return await _statement(pooled, text, args)
+        async with reachable():
+            if conn is not None:
+                return await _statement(conn, text, args)
+            async with self.pool.acquire() as pooled:
+                return await _statement(pooled, text, args)
 
     def _bound(self) -> Any:
         bound = self.bound.get()
@@ -252,10 +284,11 @@ def _pg_migrations() -> list[tuple[int, str]]:
 class PostgresIndex(Index):
     """The index's queries (inherited, unchanged) over PostgreSQL. See the module docstring."""
 
-    def __init__(self, url: str, pool_size: int = 10) -> None:
+    def __init__(self, url: str, pool_size: int = 10, startup_wait: float = 60.0) -> None:
         super().__init__(path=None, generation=None)
         self.url = url
         self.pool_size = pool_size
+        self.startup_wait = startup_wait
         self.cluster_generation = ClusterGeneration()
         self._pool: asyncpg.Pool | None = None
         self._pg: PgConnection | None = None
@@ -281,6 +314,7 @@ class PostgresIndex(Index):
         return self._pg
 
     async def open(self) -> None:
+        await wait_until_reachable(self.url, time.monotonic() + self.startup_wait)
         self._pool = await asyncpg.create_pool(
             self.url,
             min_size=1,
@@ -333,7 +367,7 @@ class PostgresIndex(Index):
         # cluster's turn, so reads never starve for connections behind queued writers.
         pg = self._db
         assert isinstance(pg, PgConnection)
-        async with self._write_lock, self.pool.acquire() as conn:
+        async with self._write_lock, reachable(), self.pool.acquire() as conn:
             new_generation = None
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
@@ -360,13 +394,20 @@ def redact(url: str) -> str:
 
 
 async def wait_until_reachable(url: str, deadline: float) -> None:
-    """Retry connecting until ``deadline`` (a node may start before its database)."""
+    """Retry connecting until ``deadline``: a node (or a whole compose file) may start before
+    its database. Past the deadline, a ConnectionError that names the database (no password)."""
+    said = False
     while True:
         try:
             conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except UNREACHABLE as exc:
             if time.monotonic() >= deadline:
-                raise ConnectionError(f"index database {redact(url)} is unreachable: {exc}") from exc
+                raise ConnectionError(
+                    f"index database {redact(url)} is unreachable: {type(exc).__name__}: {exc}"
+                ) from None
+            if not said:
+                log.warning("index database %s is not reachable yet; waiting", redact(url))
+                said = True
             await asyncio.sleep(0.5)
             continue
         await conn.close()

@@ -32,7 +32,7 @@ from typing import Any
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.storage.blobs import BlobInfo
-from proxy.storage.locks import Held, KeyLocks
+from proxy.storage.locks import HeldKey, KeyLockGroup
 from proxy.storage.staging import FileReader, Progress, StagedWriter
 
 log = logging.getLogger("proxy.flight")
@@ -67,7 +67,7 @@ class Flight:
         # Companion blobs the fetch derived (e.g. PEP 658 metadata): (filename, blob, type).
         self.derived: list[tuple[str, BlobInfo, str]] = []
         self.task: asyncio.Task[None] | None = None
-        self._held: Held | None = None  # the cross-process lock, to announce the staging file
+        self._held: HeldKey | None = None  # the cross-process lock, to announce the staging file
         self._foreign = False  # tailing another process' staging file
 
     async def attach(self, writer: StagedWriter, content_type: str, size: int | None) -> None:
@@ -211,7 +211,7 @@ class FlightGroup:
 
     def __init__(
         self,
-        locks: KeyLocks | None = None,
+        locks: KeyLockGroup | None = None,
         lock_timeout: float | None = None,
         staging_root: Path | None = None,
     ) -> None:
@@ -279,8 +279,10 @@ class FlightGroup:
                         info = await recheck(flight)
                         if info is not None:
                             self.committed_elsewhere += 1
-                    # The holder this one waited for failed (else recheck finds its blob): fail
-                    # alike, as joiners of a failed download do, rather than fetch once per worker.
+                    # The worker on this machine this one waited for failed (else recheck finds
+                    # its blob): fail alike, as joiners of a failed download do, rather than
+                    # fetch once per worker. Another *node* that held the key and left nothing
+                    # died or gave up where this one cannot see why: this one downloads instead.
                     if info is None and (flight._foreign or flight._held.waited):
                         raise UpstreamUnavailable("the worker downloading this file failed; try again")
                 if info is None:
@@ -301,7 +303,7 @@ class FlightGroup:
                 self._flights.pop(flight.key, None)
                 flight._finish()
 
-    async def _follow(self, locks: KeyLocks, flight: Flight) -> None:
+    async def _follow(self, locks: KeyLockGroup, flight: Flight) -> None:
         """While another process holds the key: tail the file it announced, as it grows."""
         if flight._foreign:
             assert flight._progress is not None and flight._fd is not None
@@ -337,6 +339,12 @@ class FlightGroup:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+    async def close_locks(self) -> None:
+        """Let go of the cluster lock session, if any (after :meth:`aclose`)."""
+        closer = getattr(self._locks, "aclose", None)
+        if closer is not None:
+            await closer()
 
     def snapshot(self) -> dict[str, Any]:
         return {"in_flight": len(self._flights), "started": self.started_count}
