@@ -118,6 +118,32 @@ class _BackgroundWriter(logging.Handler):
         super().close()
 
 
+class OutageOneLiner(logging.Filter):
+    """A reconnect that failed, as one line (``…: ConnectionRefusedError: …``), not a traceback.
+
+    asyncpg's pool logs every failed attempt to restore its connections with the traceback
+    attached (again after 1, 2, 4 … 60 s while the cluster's database is down). That outage is
+    an expected one: readiness and the 503s say so, and a traceback in the log is how this
+    proxy marks a bug. The exception's type and message stay (they name no password: the
+    driver's messages quote the host and port at most); any other record passes unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (
+            isinstance(error, OSError | TimeoutError) or type(error).__module__.startswith("asyncpg")
+        ):
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+# Loggers of libraries that report an unreachable service with a traceback (see OutageOneLiner).
+ONE_LINE_OUTAGES = ("asyncpg.pool",)
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Single-line logs on stderr, plain or JSON: what container runtimes collect.
 
@@ -138,6 +164,10 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = _BackgroundWriter(sys.stderr, formatter)
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in ONE_LINE_OUTAGES:
+        library = logging.getLogger(name)
+        if not any(isinstance(f, OutageOneLiner) for f in library.filters):
+            library.addFilter(OutageOneLiner())
     atexit.register(handler.close)
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import configparser
+import contextlib
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tomllib
 from collections.abc import AsyncIterator
@@ -28,9 +30,11 @@ import pytest
 import yaml
 
 from proxy.config import Overrides, parse_config
+from tests.cluster import StartCluster
 from tests.conftest import RunningProxy, serve_config
 from tests.fakes.npm import FakeNpmRegistry, build_tarball
 from tests.fakes.pypi import FakePyPI
+from tests.s3_server import free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ADMIN = "examples-admin-secret-" + "x" * 40
@@ -368,3 +372,242 @@ async def test_login_renew_every_rewrites_the_config_with_fresh_tokens(
         auth = {"Authorization": "Basic " + base64.b64encode(f"aws:{token}".encode()).decode()}
         async with http.get(f"{proxy.url}/default/pypi/team/simple/alpha/", headers=auth) as resp:
             assert resp.status == 200, token[:8]
+
+
+# --- the cluster example (issue 12): three nodes, PostgreSQL, MinIO, HAProxy ------------------------
+
+CLUSTER = EXAMPLES / "cluster"
+HAPROXY = shutil.which("haproxy") or (
+    "/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None
+)
+needs_haproxy = pytest.mark.skipif(
+    HAPROXY is None, reason="HAProxy is not installed (Debian package `haproxy`): its config is not checked"
+)
+
+
+def _compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((CLUSTER / "docker-compose.yml").read_text())
+    return doc
+
+
+def _node_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in doc["services"].items() if name.startswith("proxy-")}
+
+
+def _host_paths(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) of the bind mounts (``./x:/y[:ro]``) of a service."""
+    out = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            out.append((source, target))
+    return out
+
+
+def test_cluster_compose_file_is_valid_and_wires_three_nodes() -> None:
+    path = CLUSTER / "docker-compose.yml"
+    assert CHECK_JSONSCHEMA is not None, "check-jsonschema is in the test extras"
+    done = subprocess.run(
+        [CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr  # Compose's own schema, vendored
+    doc = _compose()
+    services = doc["services"]
+    nodes = _node_services(doc)
+    assert sorted(nodes) == ["proxy-1", "proxy-2", "proxy-3"]
+    assert {"postgres", "minio", "minio-init", "loadbalancer"} <= set(services)
+
+    # Every file the compose file points at exists: the build context's Dockerfile, the mounts.
+    for name, service in services.items():
+        if "build" in service:
+            context = (CLUSTER / service["build"]["context"]).resolve()
+            assert (context / service["build"].get("dockerfile", "Dockerfile")).is_file(), name
+            assert (context / "pyproject.toml").is_file(), name  # the repository itself
+        for source, _ in _host_paths(service):
+            assert (CLUSTER / source).is_file(), (name, source)
+
+    # The nodes: one image, one config file mounted where --config points, one volume each at
+    # the config's data_dir, the database URL and the bucket's keys from the environment.
+    raw = tomllib.loads((CLUSTER / "proxy.toml").read_text())
+    data_dir = raw["server"]["data_dir"]
+    volumes = set()
+    for name, node in nodes.items():
+        assert node["build"]["context"] == "../.."
+        config_path = node["command"][node["command"].index("--config") + 1]
+        assert ("./proxy.toml", config_path) in _host_paths(node), name
+        (data,) = [v.split(":")[0] for v in node["volumes"] if v.split(":")[1] == data_dir]
+        assert data in doc["volumes"], name
+        volumes.add(data)
+        env = node["environment"]
+        assert env["ARTIFACT_PROXY_INDEX_URL"].startswith("${ARTIFACT_PROXY_INDEX_URL:-postgresql://")
+        assert re.fullmatch(r"\$\{MINIO_ROOT_USER:\?[^}]+\}", env["AWS_ACCESS_KEY_ID"])
+        assert re.fullmatch(r"\$\{MINIO_ROOT_PASSWORD:\?[^}]+\}", env["AWS_SECRET_ACCESS_KEY"])
+        assert node["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert node["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert len(volumes) == 3  # each node its own disk cache
+
+    # The database: a health check the nodes wait on, the user and database the URL names.
+    postgres = services["postgres"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    index = urlsplit(raw["index"]["url"])
+    assert index.hostname == "postgres" and index.username == postgres["environment"]["POSTGRES_USER"]
+    assert index.path.strip("/") == postgres["environment"]["POSTGRES_DB"]
+    fallback = nodes["proxy-1"]["environment"]["ARTIFACT_PROXY_INDEX_URL"]
+    fallback = fallback.removeprefix("${ARTIFACT_PROXY_INDEX_URL:-").removesuffix("}")
+    default_url = urlsplit(re.sub(r"\$\{POSTGRES_PASSWORD:\?[^}]*\}", "pw", fallback))
+    assert (default_url.hostname, default_url.path) == (index.hostname, index.path)
+    assert (default_url.username, default_url.password) == (index.username, "pw")
+
+    # MinIO, and the one-shot that makes the bucket the config names.
+    endpoint = urlsplit(raw["storage"]["endpoint_url"])
+    assert endpoint.hostname == "minio" and "minio" in services
+    init = services["minio-init"]
+    script = " ".join(init["command"])
+    assert f"mc mb --ignore-existing cluster/{raw['storage']['bucket']}" in script
+    assert f"http://minio:{endpoint.port}" in script
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+
+    # The load balancer: the only published port, its config mounted where HAProxy reads it.
+    published = [name for name, s in services.items() if s.get("ports")]
+    assert published == ["loadbalancer"]
+    lb = services["loadbalancer"]
+    assert lb["image"].startswith("haproxy:")
+    assert ("./haproxy.cfg", "/usr/local/etc/haproxy/haproxy.cfg") in _host_paths(lb)
+    cfg = (CLUSTER / "haproxy.cfg").read_text()
+    port = raw["server"]["listen"].rsplit(":", 1)[1]
+    servers = re.findall(r"^\s*server (\S+) (\S+)$", cfg, re.MULTILINE)
+    assert servers == [(name, f"{name}:{port}") for name in sorted(nodes)]
+    assert re.search(r"^\s*http-check send meth GET uri /-/readyz$", cfg, re.MULTILINE)
+
+    # Every variable the file needs is one the README tells the reader to set.
+    readme = (CLUSTER / "README.md").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", path.read_text()))
+    assert required == {
+        "POSTGRES_PASSWORD",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "ARTIFACT_PROXY_ADMIN_TOKEN",
+    }
+    for name in required:
+        assert f"{name}=" in readme, name
+
+
+def test_cluster_config_loads_with_the_proxy_own_parser() -> None:
+    raw = tomllib.loads((CLUSTER / "proxy.toml").read_text())
+    secret_url = "postgresql://proxy:not-the-real-one@postgres:5432/proxy"
+    env = {"ARTIFACT_PROXY_INDEX_URL": secret_url, "PIP_INDEX_URL": "http://127.0.0.1:9/simple/"}
+    config = parse_config(raw, Overrides(), env)
+    storage = config.storage
+    assert (storage.backend, storage.bucket, storage.prefix) == ("s3", "artifact-proxy", "prod/")
+    assert (storage.endpoint_url, storage.region, storage.local_cache) == (
+        "http://minio:9000",
+        "us-east-1",
+        20 * 2**30,
+    )
+    assert config.index.url == secret_url and config.index.shared  # the environment wins
+    assert (config.server.host, config.server.port, str(config.server.data_dir)) == ("0.0.0.0", 8080, "/data")
+    assert config.upstreams["pypi"].url == "http://127.0.0.1:9/simple/"  # "pip:index-url", resolved
+    # Without the variable, the file's URL (no password in the file).
+    alone = parse_config(raw, Overrides(), {"PIP_INDEX_URL": "http://127.0.0.1:9/simple/"})
+    assert alone.index.url == raw["index"]["url"] and urlsplit(alone.index.url).password is None
+    assert "local_cache" in raw["storage"] and "url" in raw["index"]  # the keys as issue 12 names them
+
+
+@needs_haproxy
+async def test_cluster_haproxy_config_passes_haproxy_check() -> None:
+    assert HAPROXY is not None
+    code, out, err = await run(HAPROXY, "-c", "-f", str(CLUSTER / "haproxy.cfg"), cwd=CLUSTER, env={})
+    assert code == 0, out + err
+    # The only warnings: the compose services' names, which resolve only inside Docker.
+    warnings = [line for line in (out + err).splitlines() if "[WARNING]" in line or "[ALERT]" in line]
+    assert all("could not resolve address 'proxy-" in line for line in warnings), warnings
+
+
+async def _haproxy_servers(sock: Path) -> dict[str, dict[str, str]]:
+    """HAProxy's ``show stat`` for the backend's servers: name → columns (status, stot, …)."""
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    try:
+        writer.write(b"show stat\n")
+        await writer.drain()
+        text = (await asyncio.wait_for(reader.read(), 10)).decode()
+    finally:
+        writer.close()
+    lines = [line for line in text.splitlines() if line.strip()]
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
+    return {r["svname"]: r for r in rows if r["pxname"] == "nodes" and r["svname"].startswith("proxy-")}
+
+
+async def _until_states(sock: Path, want: dict[str, str], bound: float = 20.0) -> dict[str, dict[str, str]]:
+    deadline = asyncio.get_running_loop().time() + bound
+    seen: dict[str, dict[str, str]] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        with contextlib.suppress(OSError):
+            seen = await _haproxy_servers(sock)
+            if {name: seen[name]["status"] for name in want if name in seen} == want:
+                return seen
+        await asyncio.sleep(0.1)
+    raise AssertionError(
+        f"HAProxy's servers never reached {want}: {[(n, r['status']) for n, r in seen.items()]}"
+    )
+
+
+@needs_haproxy
+@pytest.mark.timeout(90)
+async def test_cluster_haproxy_sends_nothing_to_a_node_that_is_not_ready(
+    cluster_factory: StartCluster, pypi: FakePyPI, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The example's haproxy.cfg in front of two real nodes: HAProxy's own check request
+    (HTTP/1.0, no Host) gets /-/readyz's 200; a node whose readiness fails is out of rotation
+    while it still listens, and back once it is ready again."""
+    assert HAPROXY is not None
+    # Each node its own SQLite index: what is tested here is the check, not the sharing.
+    a, b = await cluster_factory(2, upstream_url=pypi.url)
+    port = free_port()
+    sock = tmp_path / "haproxy.sock"
+    cfg = (await asyncio.to_thread((CLUSTER / "haproxy.cfg").read_text)).replace(
+        "global\n", f"global\n    stats socket {sock} level admin\n", 1
+    )
+    cfg = cfg.replace("bind :8080", f"bind 127.0.0.1:{port}")
+    cfg = cfg.replace("server proxy-1 proxy-1:8080", f"server proxy-1 127.0.0.1:{a.port}")
+    cfg = cfg.replace("server proxy-2 proxy-2:8080", f"server proxy-2 127.0.0.1:{b.port}")
+    cfg = re.sub(r"^\s*server proxy-3 .*\n", "", cfg, flags=re.MULTILINE)
+    cfg = cfg.replace(" inter 2s ", " inter 200ms ")  # the same checks, ten times as often
+    path = tmp_path / "haproxy.cfg"
+    await asyncio.to_thread(path.write_text, cfg)
+    log = await asyncio.to_thread(open, tmp_path / "haproxy.log", "wb")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            HAPROXY, "-db", "-f", str(path), stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL
+        )
+    finally:
+        await asyncio.to_thread(log.close)
+    lb = f"http://127.0.0.1:{port}"
+    try:
+        await _until_states(sock, {"proxy-1": "UP", "proxy-2": "UP"})
+        async with http.get(f"{lb}/default/pypi/public/simple/alpha/") as resp:
+            assert resp.status == 200
+
+        # Node A stops being ready (its staging directory is gone) but still answers on its port.
+        tmp, away = a.data_dir / "tmp", a.data_dir / "tmp.away"
+        await asyncio.to_thread(tmp.rename, away)
+        async with http.get(f"{a.url}/-/readyz") as resp:
+            assert resp.status == 503 and (await resp.json())["checks"]["tmp"] == "not writable"
+        before = await _until_states(sock, {"proxy-1": "DOWN", "proxy-2": "UP"})
+        for _ in range(10):
+            async with http.get(f"{lb}/default/pypi/public/simple/alpha/") as resp:
+                assert resp.status == 200
+        after = await _haproxy_servers(sock)
+        assert int(after["proxy-1"]["stot"]) == int(before["proxy-1"]["stot"])  # none went to A
+        assert int(after["proxy-2"]["stot"]) - int(before["proxy-2"]["stot"]) == 10
+
+        # Ready again: back in rotation by itself.
+        await asyncio.to_thread(away.rename, tmp)
+        await _until_states(sock, {"proxy-1": "UP", "proxy-2": "UP"})
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()

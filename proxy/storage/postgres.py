@@ -245,6 +245,7 @@ class ClusterGeneration:
         """Listen on a connection of its own; poll as well, as a lost connection loses
         notifications silently until it is noticed."""
         listener: asyncpg.Connection | None = None
+        down_since: float | None = None
 
         def notified(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             with contextlib.suppress(ValueError):
@@ -260,8 +261,13 @@ class ClusterGeneration:
                     async with pool.acquire() as conn:
                         value = await conn.fetchval("SELECT generation FROM cluster_changes WHERE id = 1")
                     self.advance(int(value))
+                    if down_since is not None:
+                        log.info("cluster change watch: the index database answers again")
+                        down_since = None
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                    log.warning("cluster change watch: %s (retrying)", type(exc).__name__)
+                    if down_since is None:  # once per outage, not once a second
+                        log.warning("cluster change watch: %s (retrying every second)", type(exc).__name__)
+                        down_since = time.monotonic()
                     if listener is not None:
                         listener.terminate()
                         listener = None
