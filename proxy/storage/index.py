@@ -186,9 +186,11 @@ class Index:
                 )
         assert self.path is not None
         self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+        # The busy timeout first: switching a new file to WAL takes its lock, which another
+        # process opening the same new file may hold for a moment.
+        await self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
-        await self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._migrate()
 
@@ -206,7 +208,20 @@ class Index:
         for version, script in await asyncio.to_thread(_migrations):
             if version <= current:
                 continue
-            await self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={version};\nCOMMIT;")
+            # Each step with its version in one write transaction (IMMEDIATE: it waits its turn
+            # rather than fail). Another process opening the same new file may have applied the
+            # step since ``current`` was read: the step then fails (its CREATE TABLE) and is
+            # skipped once the version it left says so.
+            try:
+                await self._db.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={version};\nCOMMIT;"
+                )
+            except sqlite3.OperationalError:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                current = await self.schema_version()
+                if version > current:
+                    raise
 
     async def schema_version(self) -> int:
         async with self._db.execute("PRAGMA user_version") as cur:

@@ -45,29 +45,34 @@ CREATE TABLE negative_cache (
 );
 
 -- SQLite's json_patch (RFC 7396 merge patch), so the catalog's queries read the same on both.
-CREATE FUNCTION json_merge_patch(target jsonb, patch jsonb) RETURNS jsonb
+-- On ``json``, not ``jsonb``: jsonb would rewrite what it keeps (numbers as NUMERIC, so 1e+300
+-- came back as a 301-digit integer; keys sorted by length), where SQLite's json_patch keeps the
+-- text of every value and the order of the keys (the target's, then the patch's new ones).
+CREATE FUNCTION json_merge_patch(target json, patch json) RETURNS json
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
-    k text;
-    v jsonb;
-    merged jsonb;
+    merged json;
 BEGIN
-    IF patch IS NULL OR jsonb_typeof(patch) <> 'object' THEN
+    IF patch IS NULL OR json_typeof(patch) <> 'object' THEN
         RETURN patch;
     END IF;
-    IF target IS NULL OR jsonb_typeof(target) <> 'object' THEN
-        merged := '{}'::jsonb;
-    ELSE
-        merged := target;
+    IF target IS NULL OR json_typeof(target) <> 'object' THEN
+        target := '{}';
     END IF;
-    FOR k, v IN SELECT * FROM jsonb_each(patch) LOOP
-        IF v = 'null'::jsonb THEN
-            merged := merged - k;
-        ELSE
-            merged := jsonb_set(merged, ARRAY[k], json_merge_patch(merged -> k, v));
-        END IF;
-    END LOOP;
-    RETURN merged;
+    SELECT json_object_agg(key, value ORDER BY source, ord) INTO merged FROM (
+        -- The target's keys, in order: patched where the patch names them, gone where it says null.
+        SELECT t.key, coalesce(json_merge_patch(t.value, p.value), t.value) AS value, 0 AS source, t.ord
+        FROM json_each(target) WITH ORDINALITY AS t (key, value, ord)
+        LEFT JOIN json_each(patch) AS p (key, value) ON p.key = t.key
+        WHERE p.key IS NULL OR json_typeof(p.value) <> 'null'
+        UNION ALL
+        -- The patch's new keys, after them (their objects stripped of nulls, as RFC 7396 says).
+        SELECT p.key, json_merge_patch(NULL, p.value), 1, p.ord
+        FROM json_each(patch) WITH ORDINALITY AS p (key, value, ord)
+        WHERE json_typeof(p.value) <> 'null'
+          AND NOT EXISTS (SELECT 1 FROM json_each(target) AS t (key, value) WHERE t.key = p.key)
+    ) AS merged_rows;
+    RETURN coalesce(merged, '{}');
 END $$;
 CREATE FUNCTION json_patch(target text, patch text) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$ SELECT json_merge_patch(target::jsonb, patch::jsonb)::text $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT json_merge_patch(target::json, patch::json)::text $$;
