@@ -598,6 +598,14 @@ class Resolver:
             sha = entry.sha256
             digest = Digest(sha) if sha else await self._index.origin_digest(client.name, entry.url)
             info = await self._blobs.stat(digest) if digest is not None else None
+            # Committed by another *node*: in the bucket, not yet on this node's disk, where it
+            # is sent from. Brought here first, as a hit's is (else a 404 with no body).
+            if (
+                info is not None
+                and digest is not None
+                and await self._blobs.locate(digest, fetch=False) == "missing"
+            ):
+                info = None
             if info is not None:
                 flight.content_type = adapter.content_type(entry.filename)
                 flight.derived.extend(await self._fetcher.derive(adapter, entry, info))
