@@ -81,7 +81,8 @@ async def collect(
                 )
                 bodies.append(body)
     async with index.db.execute(
-        "SELECT format, package, version, status, attributes FROM versions WHERE domain=? AND repository=?",
+        "SELECT format, package, version, status, attributes FROM versions WHERE domain=? AND repository=? "
+        "ORDER BY format, package, version",  # the same manifest from either index backend
         (repo.domain, repo.repository),
     ) as cur:
         versions = [
