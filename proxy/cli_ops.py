@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from proxy.config import ConfigError, parse_duration, parse_size
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import BadRequest, Conflict, ProxyError
 from proxy.model import Digest, RepoRef
 from proxy.pipeline.services import Pipeline
 from proxy.storage import bundle, lifecycle
+from proxy.storage.index import Index
+from proxy.storage.leases import LeaseBusy, node_id
 from proxy.warm import read_pins, summary, warm
 
 
@@ -33,6 +36,15 @@ def add_ops_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     verify = sub.add_parser("verify", parents=[common], help="re-hash every blob; find missing ones")
     verify.add_argument("--repair", action="store_true", help="quarantine corrupt blobs, drop their rows")
     verify.set_defaults(security=_verify)
+    for command in (gc, verify):
+        command.add_argument(
+            "--wait",
+            nargs="?",
+            const="1h",
+            metavar="DURATION",
+            help="when another process runs gc or verify --repair, wait for it (default 1h) "
+            "instead of failing",
+        )
     stats = sub.add_parser("stats", parents=[common], help="usage per repository and format")
     stats.set_defaults(security=_stats)
     warm = sub.add_parser("warm", parents=[common], help="fetch everything lockfiles pin into the cache")
@@ -63,7 +75,12 @@ async def _gc(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any,
         budget = parse_size(args.max_size, "--max-size")
     except ConfigError as exc:
         raise BadRequest(str(exc)) from exc
-    report = await lifecycle.gc(pipeline.resolver.index, pipeline.blobs, budget, dry_run=args.dry_run)
+    index = pipeline.resolver.index
+    if args.dry_run:  # changes nothing: needs no turn
+        report = await lifecycle.gc(index, pipeline.blobs, budget, dry_run=True)
+    else:
+        async with _gc_turn(index, args):
+            report = await lifecycle.gc(index, pipeline.blobs, budget)
     if not args.dry_run:
         pipeline.audit.record(
             "gc", detail={"evicted": len(report.evicted), "blobs_deleted": report.blobs_deleted}
@@ -89,9 +106,15 @@ async def _gc(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any,
 async def _verify(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:
     assert pipeline is not None
     data_dir = pipeline.config.server.data_dir
-    report = await lifecycle.verify(pipeline.resolver.index, pipeline.blobs, data_dir, repair=args.repair)
+    index = pipeline.resolver.index
+    if args.repair:
+        async with _gc_turn(index, args):
+            report = await lifecycle.verify(index, pipeline.blobs, data_dir, repair=True)
+    else:
+        report = await lifecycle.verify(index, pipeline.blobs, data_dir)
     lines = [f"corrupt blob {d}" for d in report.corrupt] + [f"missing blob {d}" for d in report.missing]
     lines += [f"hosted file lost (republish it): {name}" for name in report.hosted_lost]
+    lines += [f"corrupt cached copy of {d} replaced from the object store" for d in report.replaced]
     lines.append(
         f"checked {report.checked} blob(s): {len(report.corrupt)} corrupt, {len(report.missing)} missing"
         + (f"; removed {report.rows_removed} index row(s)" if args.repair else "")
@@ -106,6 +129,25 @@ async def _verify(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[
         "hosted_lost": report.hosted_lost,
     }
     return data, lines
+
+
+@contextlib.asynccontextmanager
+async def _gc_turn(index: Index, args: argparse.Namespace) -> AsyncIterator[None]:
+    """The ``gc`` lease for this run: one gc or verify --repair at a time among every process
+    sharing the index (storage/lifecycle.py); Conflict (exit 1) naming the holder otherwise."""
+    try:
+        wait = parse_duration(args.wait, "--wait") if args.wait else 0.0
+    except ConfigError as exc:
+        raise BadRequest(str(exc)) from exc
+    try:
+        async with lifecycle.gc_lease(index, node_id(), wait=wait):
+            yield
+    except LeaseBusy as busy:
+        waited = f" (waited {args.wait})" if wait else ""
+        raise Conflict(
+            f"another node is running gc or verify --repair (holder {busy.info.holder}){waited}; "
+            "try again later or pass --wait"
+        ) from None
 
 
 async def _stats(pipeline: Pipeline | None, args: argparse.Namespace) -> tuple[Any, list[str]]:

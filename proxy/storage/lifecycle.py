@@ -14,6 +14,27 @@ there (and in this node's cache), verify downloads each object through the cache
 ``verify`` re-hashes every blob's plaintext against its name and checks that every index row's
 blob exists; ``--repair`` moves corrupt blobs to ``quarantine/`` and removes the rows that point
 at corrupt or missing blobs, so cached files are fetched again (hosted ones are reported lost).
+
+Several processes (``serve --workers N`` on one machine, the nodes of a cluster, the CLI beside
+them) share one index and, on S3, one bucket. gc and ``verify --repair`` run in one of them at a
+time: each holds the lease ``gc`` (storage/leases.py, :func:`gc_lease`) while it runs. The
+automatic gc skips its round when another process holds it; the CLI says who does and fails, or
+waits with ``--wait``. What keeps them safe against the *other* nodes' traffic, which no lease
+stops:
+
+- A blob another node has just uploaded but whose row it has not written yet is younger than
+  ``GRACE_SECONDS``: on S3 the age is the object's ``LastModified`` from the bucket listing (the
+  upload's time, whichever node made it), never this node's cache. Blobs this very run
+  unreferenced (by evicting their last rows) go at once; every deletion asks the index once
+  more, right before it, whether a row refers to the digest now.
+- ``verify`` lists the bucket, not this node's cache: a blob only elsewhere is downloaded to be
+  hashed, and a row is "missing" only when the store (the bucket) lacks its blob when asked again
+  right before the repair removes the row (a blob uploaded after the listing is not missing). A
+  corrupt copy in this node's cache is quarantined and, when the bucket's copy is sound, simply
+  replaced: the bucket's object and the rows stay.
+- Another node may still hold a blob gc deleted from the bucket in its own disk cache. That copy
+  is the right bytes (named by their hash), and as the rows are gone nothing asks for it; the
+  node's cache bound evicts it in time.
 """
 
 from __future__ import annotations
@@ -30,11 +51,21 @@ from typing import Any
 from proxy.errors import StorageCorrupt
 from proxy.model import Digest
 from proxy.storage.index import Index
+from proxy.storage.leases import LeaseInfo, Leases
 from proxy.storage.local import LocalBlobStore
 
 GRACE_SECONDS = 600.0
 CHUNK = 500  # digests per IN (...) query, and the first page of eviction candidates
 MAX_PAGE = 50_000  # largest page of eviction candidates read at once
+GC_LEASE = "gc"  # held by whoever runs gc or verify --repair (see the module docstring)
+GC_LEASE_TTL = 60.0  # renewed every 20 s; a holder that died blocks the next run at most this long
+
+
+def gc_lease(
+    index: Index, holder: str, *, wait: float = 0.0
+) -> contextlib.AbstractAsyncContextManager[LeaseInfo]:
+    """Hold the ``gc`` lease for a run (LeaseBusy, naming the holder, when another has it)."""
+    return Leases(index).hold(GC_LEASE, holder, GC_LEASE_TTL, wait=wait)
 
 
 @dataclass(slots=True)
@@ -54,6 +85,7 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)
     rows_removed: int = 0
     hosted_lost: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)  # a corrupt cached copy, sound in the bucket
 
 
 async def _referenced(index: Index, digests: list[str]) -> set[str]:
@@ -150,13 +182,16 @@ async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool 
 async def verify(
     index: Index, blobs: LocalBlobStore, data_dir: Path, *, repair: bool = False
 ) -> VerifyReport:
-    """See the module docstring."""
+    """See the module docstring (hold :func:`gc_lease` around a ``repair``)."""
     report = VerifyReport()
     files = await blobs.inventory()
+    gone: set[str] = set()  # listed, then deleted by its owner before we got to it
     for digest, (path, _, _) in sorted(files.items()):
         if path is None:  # in an object store only: checked through this node's cache
             try:
-                await blobs.locate(Digest(digest))
+                if await blobs.locate(Digest(digest)) == "missing":
+                    gone.add(digest)
+                    continue
                 path = blobs.local_path(Digest(digest))
             except StorageCorrupt:
                 path = None
@@ -166,16 +201,23 @@ async def verify(
             report.corrupt.append(digest)
     async with index.db.execute("SELECT DISTINCT digest FROM assets") as cur:
         referenced = {str(r[0]) for r in await cur.fetchall()}
-    report.missing = sorted(referenced - set(files))
+    # Asked again one by one: a row written after the listing may name a blob stored since.
+    report.missing = [
+        d for d in sorted(referenced - (set(files) - gone)) if await blobs.stat(Digest(d)) is None
+    ]
     if not repair:
         return report
     quarantine = data_dir / "quarantine"
-    for digest in report.corrupt:
+    for digest in list(report.corrupt):
         await asyncio.to_thread(quarantine.mkdir, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.replace, blobs.local_path(Digest(digest)), quarantine / digest)
+        if await _sound_elsewhere(blobs, digest):
+            report.corrupt.remove(digest)  # only this node's cached copy was bad: replaced
+            report.replaced.append(digest)
+            continue
         await blobs.delete(Digest(digest))  # an object store's copy too
-    bad = report.corrupt + report.missing
+    bad = report.corrupt + [d for d in report.missing if await blobs.stat(Digest(d)) is None]
     async with index.transaction():
         for digest in bad:
             sql = (
@@ -186,6 +228,18 @@ async def verify(
             cur2 = await index.db.execute("DELETE FROM assets WHERE digest=?", (digest,))
             report.rows_removed += cur2.rowcount
     return report
+
+
+async def _sound_elsewhere(blobs: LocalBlobStore, digest: str) -> bool:
+    """Whether a sound copy comes back once this node's copy is gone: an object store's blob is
+    downloaded (and hashed) again; the local backend has no other copy."""
+    try:
+        if await blobs.locate(Digest(digest)) == "missing":
+            return False
+    except StorageCorrupt:
+        return False
+    path = blobs.local_path(Digest(digest))
+    return await asyncio.to_thread(_hash_matches, blobs, path, digest)
 
 
 def _hash_matches(blobs: LocalBlobStore, path: Path, digest: str) -> bool:

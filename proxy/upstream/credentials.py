@@ -16,6 +16,20 @@ requests wait. While a refresh fails and the old token is still valid, the old o
 the refresh retried with backoff. After a 401/403 from the upstream the client invalidates,
 refreshes once and retries once. ``status()`` tells expiry, last refresh and last error, never
 the secret.
+
+Renewed once for all (:class:`SharedCredentials`). Every process sharing the index — the
+workers of ``serve --workers N`` on one SQLite file, every node of a cluster on PostgreSQL —
+would otherwise renew each token itself. Instead, a process due to renew takes the lease
+``credential:<upstream>`` (storage/leases.py), asks the token service, and stores the token in
+``shared_credentials`` sealed with the server's encryption key (AES-GCM under a key derived for
+this use, the upstream's name and the expiry bound in); the others, due at the same moment,
+wait for that row and use it while it is fresh by the same renewal rule. A 401 makes a process
+accept only a row renewed after the token that was refused. The lease is held only while
+fetching (renewed meanwhile); a holder that dies frees it within ``CREDENTIAL_LEASE_TTL``.
+Without an encryption key nothing is shared (a token in the clear in the index would break
+invariant 15, and no key is derived from anything else): each process renews for itself, as a
+lone process does, and the proxy says so once at startup. Trouble with the index while sharing
+is logged and the process renews for itself.
 """
 
 from __future__ import annotations
@@ -24,20 +38,24 @@ import asyncio
 import base64
 import contextlib
 import datetime
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlencode, urlsplit
 
 import aiohttp
 
-from proxy.config import CredentialsConfig
+from proxy.config import CredentialsConfig, UpstreamConfig
 from proxy.errors import UpstreamUnavailable
+from proxy.storage.leases import LeaseBusy, Leases, node_id
 from proxy.upstream.discovery import (
     NPM_REGISTRY,
     PIP_INDEX_URL,
@@ -47,6 +65,10 @@ from proxy.upstream.discovery import (
 )
 from proxy.upstream.sigv4 import load_credentials, sign
 
+if TYPE_CHECKING:
+    from proxy.storage.crypto import Sealer
+    from proxy.storage.index import Index
+
 log = logging.getLogger("proxy.credentials")
 
 REFRESH_RATIO = 0.75
@@ -54,6 +76,10 @@ REFRESH_MARGIN = 300.0
 MAX_BACKOFF = 60.0
 FILE_CHECK_SECONDS = 1.0
 COMMAND_TIMEOUT = 60.0
+CREDENTIAL_LEASE_TTL = 60.0  # a renewer that died blocks the others' renewal at most this long
+SHARED_POLL = 0.1  # seconds between looks at the shared row while another process renews
+SEAL_MAGIC = b"APXC"
+SEAL_INFO = b"artifact-proxy shared upstream credential v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +194,12 @@ class Renewing(CredentialProvider):
         scheme: str,
         user: str,
         close: Callable[[], Awaitable[None]] | None = None,
+        shared: SharedCredentials | None = None,
     ) -> None:
         super().__init__(upstream)
         self._fetch = fetch
+        self._shared = shared
+        self.renewed_by: str | None = None  # with sharing: the process that asked the token service
         self._close = close
         self._scheme = scheme
         self._user = user
@@ -203,6 +232,8 @@ class Renewing(CredentialProvider):
             "last_refresh": self.last_refresh,
             "last_error": self.last_error,
             "refreshes": self.refreshes,
+            "shared": self._shared is not None,
+            "renewed_by": self.renewed_by,
         }
 
     async def aclose(self) -> None:
@@ -246,7 +277,16 @@ class Renewing(CredentialProvider):
     async def _do_refresh(self) -> Credential:
         started = time.time()
         try:
-            token, expires_at = await self._fetch()
+            if self._shared is None:
+                token, expires_at = await self._fetch()
+                renewed_by = None
+            else:
+                previous = self._credential
+                obtained = await self._shared.obtain(
+                    self.upstream, self._fetch, newer_than=previous.issued_at if previous else None
+                )
+                token, expires_at, started = obtained.token, obtained.expires_at, obtained.issued_at
+                renewed_by = obtained.renewed_by
         except Exception as exc:
             self._failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -267,8 +307,194 @@ class Renewing(CredentialProvider):
         self.refreshes += 1
         self.last_refresh = time.time()
         self.last_error = None
-        log.info("credentials for upstream %s renewed; valid %.0fs", self.upstream, expires_at - started)
+        self.renewed_by = renewed_by
+        if self._shared is None or renewed_by == self._shared.holder:
+            log.info("credentials for upstream %s renewed; valid %.0fs", self.upstream, expires_at - started)
+        else:
+            log.debug("credentials for upstream %s: using the token %s renewed", self.upstream, renewed_by)
         return cred
+
+
+@dataclass(frozen=True, slots=True)
+class Obtained:
+    """A token from the shared renewal: its expiry, when it was asked for, and by whom."""
+
+    token: str
+    expires_at: float
+    issued_at: float
+    renewed_by: str
+
+    def __repr__(self) -> str:
+        return f"Obtained(expires_at={self.expires_at}, renewed_by={self.renewed_by!r})"
+
+
+class SharedCredentials:
+    """One renewal of each upstream token for every process sharing the index (module docstring)."""
+
+    def __init__(self, index: Index, sealer: Sealer, holder: str | None = None) -> None:
+        self.index = index
+        self.leases = Leases(index)
+        self.holder = holder or node_id()
+        self._sealer = sealer
+        self._warned = False
+
+    async def obtain(
+        self,
+        upstream: str,
+        fetch: Callable[[], Awaitable[tuple[str, float]]],
+        *,
+        newer_than: float | None = None,
+    ) -> Obtained:
+        """A fresh token: the shared row's, or one fetched under the lease and shared.
+
+        ``newer_than``: the issue time of the token held now; only a row renewed later is taken
+        (after a 401 the row may still hold the token that was refused).
+        """
+        lease = f"credential:{upstream}"
+        deadline = time.monotonic() + 2 * CREDENTIAL_LEASE_TTL
+        renewer: str | None = None  # another process renewing: we read until it is done
+        while True:
+            try:
+                row = await self._usable(upstream, newer_than)
+                if row is not None:
+                    return row
+                if renewer is not None:  # reads only while it works (no write per look)
+                    info = await self.leases.holder(lease)
+                    renewer = info.holder if info is not None else None
+                if renewer is None:
+                    async with self.leases.hold(lease, self.holder, CREDENTIAL_LEASE_TTL):
+                        row = await self._usable(upstream, newer_than)  # renewed meanwhile
+                        if row is not None:
+                            return row
+                        return await self._fetch_and_share(upstream, fetch)
+                if time.monotonic() >= deadline:
+                    raise UpstreamUnavailable(
+                        f"credentials for upstream {upstream}: {renewer} has been renewing them for too long",
+                        detail={"upstream": upstream},
+                    )
+            except LeaseBusy as busy:
+                renewer = busy.info.holder
+            except UpstreamUnavailable:
+                raise
+            except _FetchFailed as failed:
+                raise failed.error from failed.error.__cause__
+            except Exception as exc:  # noqa: BLE001 - the index is in trouble: renew alone
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "credentials for upstream %s: the shared renewal failed (%s); renewing here",
+                        upstream,
+                        type(exc).__name__,
+                    )
+                started = time.time()
+                token, expires_at = await fetch()
+                return Obtained(token, expires_at, started, self.holder)
+            await asyncio.sleep(SHARED_POLL)
+
+    async def _fetch_and_share(
+        self, upstream: str, fetch: Callable[[], Awaitable[tuple[str, float]]]
+    ) -> Obtained:
+        started = time.time()
+        try:
+            token, expires_at = await fetch()
+        except Exception as exc:  # noqa: BLE001 - re-raised as it was by obtain()
+            raise _FetchFailed(exc) from None
+        got = Obtained(token, expires_at, started, self.holder)
+        try:
+            sealed = await asyncio.to_thread(self._seal, upstream, token, expires_at)
+            sql = (
+                "INSERT INTO shared_credentials (upstream, sealed, expires_at, renewed_at, renewed_by) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (upstream) DO UPDATE SET sealed = excluded.sealed, "
+                "expires_at = excluded.expires_at, renewed_at = excluded.renewed_at, "
+                "renewed_by = excluded.renewed_by"
+            )
+            async with self.index.transaction(shared=False):
+                await self.index.db.execute(sql, (upstream, sealed, expires_at, started, self.holder))
+        except Exception as exc:  # noqa: BLE001 - ours is good: the others renew for themselves
+            log.warning(
+                "credentials for upstream %s: could not share the renewal (%s)", upstream, type(exc).__name__
+            )
+        return got
+
+    async def _usable(self, upstream: str, newer_than: float | None) -> Obtained | None:
+        """The shared token while it is fresh (the renewal rule of :class:`Renewing`)."""
+        sql = "SELECT sealed, expires_at, renewed_at, renewed_by FROM shared_credentials WHERE upstream = ?"
+        async with self.index.db.execute(sql, (upstream,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        expires_at, renewed_at = float(row[1]), float(row[2])
+        if newer_than is not None and renewed_at <= newer_than:
+            return None
+        if time.time() >= Renewing._renew_at(Credential("", expires_at, renewed_at)):
+            return None
+        token = await asyncio.to_thread(self._open, upstream, bytes(row[0]), expires_at)
+        if token is None:  # sealed with a key we lack, or tampered with: renew it ourselves
+            return None
+        return Obtained(token, expires_at, renewed_at, str(row[3]))
+
+    def _key(self, key_id: str | None) -> tuple[str, bytes]:
+        keys = self._sealer.keys
+        if key_id is None:
+            key_id, key = keys.current()
+        else:
+            key = keys.key(key_id)
+        return key_id, hmac.new(key, SEAL_INFO, hashlib.sha256).digest()
+
+    @staticmethod
+    def _aad(upstream: str, expires_at: float) -> bytes:
+        return f"{upstream}\n{expires_at!r}".encode()
+
+    def _seal(self, upstream: str, token: str, expires_at: float) -> bytes:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # as storage/crypto.py
+
+        key_id, key = self._key(None)
+        nonce = secrets.token_bytes(12)
+        sealed = AESGCM(key).encrypt(nonce, token.encode(), self._aad(upstream, expires_at))
+        return SEAL_MAGIC + key_id.encode().ljust(16)[:16] + nonce + sealed
+
+    def _open(self, upstream: str, blob: bytes, expires_at: float) -> str | None:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if blob[:4] != SEAL_MAGIC or len(blob) < 32 + 16:
+            return None
+        try:
+            _, key = self._key(blob[4:20].decode().strip())
+            plain = AESGCM(key).decrypt(blob[20:32], blob[32:], self._aad(upstream, expires_at))
+        except (KeyError, UnicodeDecodeError, InvalidTag):
+            return None
+        return plain.decode()
+
+
+class _FetchFailed(Exception):
+    """The token service's own failure, carried out of obtain()'s handling of index trouble."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__("fetch failed")
+        self.error = error
+
+
+def shared_renewal(
+    index: Index, sealer: Sealer | None, upstreams: Mapping[str, UpstreamConfig]
+) -> SharedCredentials | None:
+    """The shared renewal for these upstreams, or None (said once, when tokens need renewing but
+    there is no key to seal them with)."""
+    renewing = sorted(
+        name
+        for name, up in upstreams.items()
+        if up.credentials and up.credentials.type in {"command", "codeartifact"}
+    )
+    if not renewing:
+        return None
+    if sealer is None:
+        log.info(
+            "upstream tokens (%s) are renewed by each process on its own: sharing one renewal "
+            "needs server.encryption_key_file or server.encryption_key_env to seal them with",
+            ", ".join(renewing),
+        )
+        return None
+    return SharedCredentials(index, sealer)
 
 
 async def run_command(command: tuple[str, ...]) -> tuple[str, float]:
@@ -337,9 +563,14 @@ class CodeArtifactToken:
 
 
 def build_provider(
-    upstream: str, fmt: str, config: CredentialsConfig | None, env: Mapping[str, str] | None = None
+    upstream: str,
+    fmt: str,
+    config: CredentialsConfig | None,
+    env: Mapping[str, str] | None = None,
+    shared: SharedCredentials | None = None,
 ) -> CredentialProvider | None:
-    """The provider a connection's ``[credentials]`` table describes (None without one)."""
+    """The provider a connection's ``[credentials]`` table describes (None without one);
+    ``shared``: renew expiring tokens once for every process sharing the index."""
     if config is None:
         return None
     env = os.environ if env is None else env
@@ -348,6 +579,6 @@ def build_provider(
     scheme = "bearer" if fmt == "npm" else "basic"  # CodeArtifact's npm endpoint wants Bearer
     if config.type == "command":
         command = config.command
-        return Renewing(upstream, lambda: run_command(command), scheme, config.username)
+        return Renewing(upstream, lambda: run_command(command), scheme, config.username, shared=shared)
     fetcher = CodeArtifactToken(config, env)
-    return Renewing(upstream, fetcher, scheme, config.username, close=fetcher.aclose)
+    return Renewing(upstream, fetcher, scheme, config.username, close=fetcher.aclose, shared=shared)
