@@ -374,6 +374,11 @@ def parse_config(raw: Mapping[str, Any], overrides: Overrides, env: Mapping[str,
     domains_raw = raw.get("domains", [])
     if not isinstance(domains_raw, list):
         raise ConfigError("domains: expected an array of tables ([[domains]])")
+    if index.url is not None and storage.backend == "local":
+        notes.append(
+            "the index is on PostgreSQL but blobs are on this node's disk: run one node on this "
+            'index only (other nodes could not read the blobs; use [storage] backend = "s3")'
+        )
     skipped_names = set(upstreams_raw) - set(upstreams)
     if skipped_names:  # a left-out connection leaves the upstream lists that named it
         domains_raw = _without_upstreams(domains_raw, skipped_names)
