@@ -31,7 +31,7 @@ from proxy.errors import UpstreamUnavailable
 from proxy.model import Digest
 from proxy.storage import lifecycle
 from proxy.storage.index import Index
-from proxy.storage.leases import LeaseBusy, Leases
+from proxy.storage.leases import PID_NAMESPACE, LeaseBusy, Leases, node_id
 from proxy.storage.postgres import PostgresIndex
 from proxy.storage.s3 import S3Client
 from proxy.upstream import credentials
@@ -109,6 +109,24 @@ async def test_a_lease_has_one_holder_until_released_or_lapsed(two: tuple[Index,
     # Many at once, from both connections: exactly one wins.
     wins = await asyncio.gather(*(Leases(two[i % 2]).acquire("race", f"node-{i}", 30) for i in range(8)))
     assert wins.count(True) == 1
+
+
+async def test_a_dead_holder_on_this_machine_is_taken_over_at_once(two: tuple[Index, Index]) -> None:
+    """A killed gc must not block the next one on the same machine for the lease's lifetime; a
+    holder elsewhere (another host, another pid namespace) or still alive keeps its lease."""
+    a, b = (Leases(index) for index in two)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await proc.wait()  # a pid that existed on this machine and is gone now
+    host = node_id().split(":", 1)[0]
+    dead = f"{host}:{proc.pid}:00000000@{PID_NAMESPACE}"
+    elsewhere = f"{host}:{proc.pid}:00000000@1"
+    alive = f"{host}:{os.getppid()}:00000000@{PID_NAMESPACE}"
+    for holder, taken in ((elsewhere, False), (alive, False), (dead, True)):
+        assert await a.acquire("gc", holder, 60)
+        assert await b.acquire("gc", "node-b", 60) is taken, holder
+        info = await a.holder("gc")
+        assert info is not None and info.holder == ("node-b" if taken else holder)
+        await a.release("gc", info.holder)
 
 
 async def test_hold_renews_names_the_holder_and_can_wait(two: tuple[Index, Index]) -> None:

@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from proxy.storage.index import Index
 
@@ -42,9 +43,43 @@ _ACQUIRE = (
 
 
 def node_id() -> str:
-    """A holder id naming this process: ``host:pid:random`` (the random part tells a restarted
-    process with a recycled pid, or a container's pid 1, from its predecessor)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    """A holder id naming this process: ``host:pid:random@pid-namespace`` (the random part tells a
+    restarted process with a recycled pid, or a container's pid 1, from its predecessor; the
+    namespace says where that pid means something: see :func:`dead_here`)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}@{PID_NAMESPACE}"
+
+
+def _read_pid_namespace() -> str:
+    try:
+        return str(Path("/proc/self/ns/pid").readlink()).removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        return "?"
+
+
+# Read once, at import (a system call that blocking-call checks would refuse on the event loop);
+# a process never changes its pid namespace.
+PID_NAMESPACE = _read_pid_namespace()
+
+
+def dead_here(holder: str) -> bool:
+    """Whether ``holder`` is a process of this machine and pid namespace that no longer exists:
+    its lease can be taken at once instead of after its time to live (a gc killed by the OOM
+    killer or a SIGKILL should not block the next gc on the same machine for a minute). Any
+    doubt (another host, another namespace, a pid that exists) answers False."""
+    host, _, rest = holder.partition(":")
+    pid_text, _, tail = rest.partition(":")
+    namespace = tail.rpartition("@")[2]
+    if host != socket.gethostname() or namespace != PID_NAMESPACE or namespace == "?":
+        return False
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +108,17 @@ class Leases:
         now = time.time()
         async with self.index.transaction(shared=False):
             cur = await self.index.db.execute(_ACQUIRE, (name, holder, now + ttl, now))
+            if int(cur.rowcount) == 1:
+                return True
+            async with self.index.db.execute("SELECT holder FROM leases WHERE name = ?", (name,)) as rows:
+                row = await rows.fetchone()
+            if row is None or not dead_here(str(row[0])):
+                return False
+            log.info("lease %s: its holder %s is gone from this machine; taking it over", name, row[0])
+            cur = await self.index.db.execute(
+                "UPDATE leases SET holder = ?, until = ? WHERE name = ? AND holder = ?",
+                (holder, now + ttl, name, str(row[0])),
+            )
             return int(cur.rowcount) == 1
 
     async def renew(self, name: str, holder: str, ttl: float) -> bool:
