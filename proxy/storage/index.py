@@ -157,11 +157,15 @@ class Index:
         worker) has since outdated; SQLite then fails at once rather than wait. That clears as
         soon as the statement ends, so a short wait and a retry is all it takes.
         """
+        await self._while_locked("BEGIN IMMEDIATE")
+
+    async def _while_locked(self, statement: str) -> None:
+        """Run ``statement``, again while SQLite says "locked", up to the busy timeout."""
         deadline = time.monotonic() + BUSY_TIMEOUT
         delay = 0.002
         while True:
             try:
-                await self._db.execute("BEGIN IMMEDIATE")
+                await self._db.execute(statement)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() >= deadline:
@@ -189,7 +193,9 @@ class Index:
         # The busy timeout first: switching a new file to WAL takes its lock, which another
         # process opening the same new file may hold for a moment.
         await self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
-        await self._db.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL needs its exclusive lock, which SQLite does not wait for
+        # (no busy handler there) while another process is opening the same new file.
+        await self._while_locked("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._migrate()
