@@ -370,16 +370,18 @@ async def slow_big_upstream(pypi: FakePyPI, root: Path, *, size: int, seconds: f
     return wheel
 
 
-async def fetch_whole(http: aiohttp.ClientSession, url: str) -> tuple[int, str, str]:
-    """Status, sha256 of the body, X-Cache; a cut connection is status 0."""
+async def fetch_whole(http: aiohttp.ClientSession, url: str) -> tuple[int, str, str, str]:
+    """Status, sha256 of the body, X-Cache, and which node's worker answered; a cut connection
+    is status 0."""
     try:
         async with http.get(url) as resp:
             digest = hashlib.sha256()
             async for chunk in resp.content.iter_chunked(1 << 20):
                 digest.update(chunk)
-            return resp.status, digest.hexdigest(), resp.headers.get("X-Cache", "")
+            worker = f"{resp.url.port}/{resp.headers.get('X-Proxy-Worker', '-')}"
+            return resp.status, digest.hexdigest(), resp.headers.get("X-Cache", ""), worker
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError):
-        return 0, "", ""
+        return 0, "", "", ""
 
 
 @pytest.mark.timeout(180)
@@ -387,11 +389,12 @@ async def test_a_hundred_misses_over_three_nodes_cost_one_upstream_download(
     shared: Shared, cluster_factory: StartCluster, pypi: FakePyPI, tmp_path: Path
 ) -> None:
     """A 3 MB file the upstream takes 3 s to send, asked for 100 times at once round-robin over
-    three nodes: one node downloads it, the others wait for it in the cluster (advisory lock) and
-    serve it from the bucket; every client gets the right bytes."""
+    three nodes of two worker processes each: one worker of one node downloads it, its sibling
+    tails its staging file (flock), the other nodes wait for it in the cluster (advisory lock)
+    and serve it from the bucket; every client gets the right bytes."""
     wheel = await slow_big_upstream(pypi, tmp_path / "dist", size=3 * 2**20, seconds=3.0)
     digest = await asyncio.to_thread(sha256_file, wheel)
-    cluster = await start(cluster_factory, 3, pypi.url, shared, upstream_read_timeout="30s")
+    cluster = await start(cluster_factory, 3, pypi.url, shared, workers=2, upstream_read_timeout="30s")
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=90)) as http:
         for node in cluster:  # each node learns the file's upstream URL from the page
@@ -400,11 +403,13 @@ async def test_a_hundred_misses_over_three_nodes_cost_one_upstream_download(
         results = await asyncio.gather(*(fetch_whole(http, next(urls)) for _ in range(100)))
     gets = pypi.hits[f"/files/{wheel.name}"]
     caches = collections.Counter(r[2] for r in results)
-    print(f"100 concurrent misses over 3 nodes: {gets} upstream GET(s) of the file; X-Cache {dict(caches)}")
+    workers = collections.Counter(r[3] for r in results)
+    print(f"100 misses over 3 nodes x 2 workers: {gets} upstream GET(s); X-Cache {dict(caches)}; {workers}")
     assert [r for r in results if r[:2] != (200, digest)] == []
     assert gets == 1, f"{gets} upstream downloads of one file"
     # They were concurrent misses (a HIT would have come after the download was committed).
     assert caches["MISS"] >= 90, caches
+    assert len(workers) == 6, f"not every worker of every node answered: {workers}"
 
 
 @pytest.mark.timeout(180)
@@ -446,7 +451,7 @@ async def test_a_node_killed_mid_download_costs_only_its_own_clients(
         seen = [r[0] for r in killed], [r[0] for r in survived]
         print(f"kill mid-download: statuses of A's and of B's/C's clients {seen}, {gets} upstream GETs")
         # The kill landed mid-download: A's clients were cut (or told 5xx), none got a 200.
-        assert all(status == 0 or status >= 500 for status, _, _ in killed), killed
+        assert all(status == 0 or status >= 500 for status, *_ in killed), killed
         # B's and C's clients, in flight on the nodes that live, got the whole file.
         assert [r[:2] for r in survived] == [(200, digest)] * 6, (survived, await b.log_tail())
         # A's cut download, then one more by whichever of B and C took the key over.
@@ -457,7 +462,7 @@ async def test_a_node_killed_mid_download_costs_only_its_own_clients(
         # restart cleared what its cut download had left in its staging directory.
         await a.start()
         for node in cluster:
-            status, got, cache = await fetch_whole(http, node.files_url("slowpkg", wheel.name))
+            status, got, cache, _ = await fetch_whole(http, node.files_url("slowpkg", wheel.name))
             assert (status, got, cache) == (200, digest, "HIT"), await node.log_tail()
         assert pypi.hits[upstream_path] == 2
         assert await asyncio.to_thread(files_under, a.data_dir / "tmp") == []
