@@ -45,6 +45,10 @@ from tests.fakes.server import Fault
 from tests.maven_clients import mvn, requires_local_repository, requires_mvn, write_project, write_settings
 from tests.npm_clients import npm
 from tests.s3_server import FAKE_ENV, MotoServer
+from tests.test_nuget import Nupkgs, install, push, start_feed
+from tests.test_nuget import installed as nuget_installed
+from tests.test_nuget import needs_nuget as requires_nuget
+from tests.test_nuget import nupkgs as nupkgs  # the session fixture of built nupkgs
 
 ADMIN = "cluster-bootstrap-admin-" + "k" * 40
 API = "/-/api/v1"
@@ -259,6 +263,32 @@ async def issue(
     status, data = await api(http, node, "POST", f"{API}/tokens", body)
     assert status == 201, data
     return data["id"], data["token"]
+
+
+@requires_nuget
+@pytest.mark.timeout(240)
+async def test_nuget_pushed_through_one_node_installs_through_another(
+    shared: Shared, cluster_factory: StartCluster, nupkgs: Nupkgs, tmp_path: Path
+) -> None:
+    """``nuget push`` (NuGet.exe on Mono) through A, ``nuget install`` through B: B resolves the
+    pushed package from the shared index and its dependencies from the upstream feed, downloading
+    the pushed nupkg from the bucket."""
+    feed = await start_feed(nupkgs, hash_in_registration=True)
+    try:
+        a, b = await start(cluster_factory, 2, feed.url, shared, fmt="nuget", connection="nugetfake")
+        ok, output = await push(tmp_path, a, "team", nupkgs.gamma)  # type: ignore[arg-type]
+        assert ok, output + await a.log_tail()
+        source = f"{b.url}/default/nuget/team/v3/index.json"
+        ok, output, out = await install(tmp_path, "on-b", source, "Team.Gamma", "2.0.0")
+        assert ok, output + await b.log_tail()
+        assert await nuget_installed(out) == {"Team.Gamma.2.0.0", "Acme.Alpha.1.0.0", "Acme.Beta.1.0.0"}
+        pushed = await asyncio.to_thread(nupkgs.gamma.read_bytes)
+        got = await asyncio.to_thread((out / "Team.Gamma.2.0.0" / "Team.Gamma.2.0.0.nupkg").read_bytes)
+        assert sha256(got) == sha256(pushed)
+        keys = await bucket_keys(shared.endpoint, shared.bucket, shared.prefix)
+        assert any(key.endswith(sha256(pushed)) for key in keys), keys
+    finally:
+        await feed.close()
 
 
 async def test_npm_published_through_one_node_installs_through_another(
