@@ -67,8 +67,10 @@ class DocumentRow:
     expires_at: float
 
 
-def _migrations() -> list[tuple[int, str]]:
-    folder = importlib.resources.files("proxy.storage.migrations")
+def migration_steps(package: str = "proxy.storage.migrations") -> list[tuple[int, str]]:
+    """The numbered SQL steps of a migrations package, in order (``migrations_pg`` holds the
+    same steps in PostgreSQL's dialect). Blocking: call from a thread."""
+    folder = importlib.resources.files(package)
     found = []
     for entry in folder.iterdir():
         name = entry.name
@@ -211,7 +213,7 @@ class Index:
         async with self._db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         current = int(row[0]) if row else 0
-        for version, script in await asyncio.to_thread(_migrations):
+        for version, script in await asyncio.to_thread(migration_steps):
             if version <= current:
                 continue
             # Each step with its version in one write transaction (IMMEDIATE: it waits its turn

@@ -50,7 +50,7 @@ import asyncpg
 from proxy.config import StorageConfig
 from proxy.model import Digest
 from proxy.storage.crypto import HEADER, MAGIC, SealedFileError, Sealer
-from proxy.storage.index import _migrations
+from proxy.storage.index import migration_steps
 from proxy.storage.local import READ_CHUNK, LocalBlobStore
 from proxy.storage.postgres import CHANNEL, WRITE_LOCK, PostgresIndex, redact
 from proxy.storage.s3 import S3BlobStore
@@ -182,7 +182,7 @@ def open_source(data_dir: Path) -> sqlite3.Connection:
         except sqlite3.OperationalError as exc:
             raise MigrationError(busy) from exc
         current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        for version, script in _migrations():  # what `serve` would do at startup
+        for version, script in migration_steps():  # what `serve` would do at startup
             if version > current:
                 conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={version};\nCOMMIT;")
         conn.execute("BEGIN")  # one snapshot for everything read below

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import importlib.resources
 import logging
 import re
 import time
@@ -35,7 +34,7 @@ from typing import Any
 import asyncpg
 
 from proxy.errors import IndexUnavailable
-from proxy.storage.index import Index
+from proxy.storage.index import Index, migration_steps
 
 log = logging.getLogger("proxy.index")
 
@@ -288,16 +287,6 @@ async def _release(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-def _pg_migrations() -> list[tuple[int, str]]:
-    folder = importlib.resources.files("proxy.storage.migrations_pg")
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
 class PostgresIndex(Index):
     """The index's queries (inherited, unchanged) over PostgreSQL. See the module docstring."""
 
@@ -359,7 +348,9 @@ class PostgresIndex(Index):
             try:
                 await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
                 current = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
-                for version, script in await asyncio.to_thread(_pg_migrations):
+                for version, script in await asyncio.to_thread(
+                    migration_steps, "proxy.storage.migrations_pg"
+                ):
                     if version <= current:
                         continue
                     async with conn.transaction():
