@@ -176,24 +176,50 @@ upstreams = ["public"]
     )
 
 
+ALL_ON_POSTGRES = "ARTIFACT_PROXY_TEST_ALL_ON_POSTGRES"
+
+
+def postgres_index_url(data_dir: Path | str) -> str | None:
+    """With ``ARTIFACT_PROXY_TEST_ALL_ON_POSTGRES=postgresql://…/postgres`` set, the DSN of the
+    index database of ``data_dir``, else None. One database per data directory, named by its
+    path, so that a restart on the same directory, the tests' own look at the index
+    (:func:`index_rows`) and a CLI run on it (``ARTIFACT_PROXY_INDEX_URL``) all find the same one."""
+    server_url = os.environ.get(ALL_ON_POSTGRES)
+    if not server_url:
+        return None
+    # Imported here: tests.postgres is a plugin (pytest_plugins), which pytest must import first.
+    from tests.postgres import dsn_for
+
+    name = "t_" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:20]
+    return dsn_for(server_url, name)
+
+
 async def on_postgres(raw: dict[str, Any]) -> dict[str, Any]:
     """With ``ARTIFACT_PROXY_TEST_ALL_ON_POSTGRES=postgresql://…/postgres`` set, the proxies of the
-    in-process tests keep their index in PostgreSQL: one database per data directory (so a
-    restart on the same directory finds its index). A way to run any test module against the
-    cluster's index backend; tests that read the SQLite file directly do not apply then."""
-    server_url = os.environ.get("ARTIFACT_PROXY_TEST_ALL_ON_POSTGRES")
-    if not server_url or "index" in raw:
+    in-process tests keep their index in PostgreSQL: one database per data directory
+    (:func:`postgres_index_url`). A way to run any test module against the cluster's index
+    backend; tests that read the SQLite file directly, or run the CLI on the data directory
+    without :func:`cli_env`, do not apply then."""
+    url = postgres_index_url(raw["server"]["data_dir"])
+    if url is None or "index" in raw:
         return raw
     import asyncpg
 
-    name = "t_" + hashlib.sha256(str(raw["server"]["data_dir"]).encode()).hexdigest()[:20]
-    conn = await asyncpg.connect(server_url)
+    name = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(os.environ[ALL_ON_POSTGRES])
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname=$1", name):
             await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return {**raw, "index": {"url": server_url.rsplit("/", 1)[0] + "/" + name}}
+    return {**raw, "index": {"url": url}}
+
+
+def cli_env(data_dir: Path | str) -> dict[str, str] | None:
+    """The environment for a CLI process on ``data_dir``: this process's, plus the index URL of
+    :func:`on_postgres` when the proxies keep their index in PostgreSQL (None: inherit)."""
+    url = postgres_index_url(data_dir)
+    return None if url is None else {**os.environ, "ARTIFACT_PROXY_INDEX_URL": url}
 
 
 async def serve_config(raw: dict[str, Any], *, port: int = 0) -> tuple[Config, web.AppRunner, str]:
@@ -251,9 +277,27 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def index_rows(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the index directly (sync: call through ``asyncio.to_thread`` in async tests)."""
-    with sqlite3.connect(data_dir / "index.sqlite3") as db:
-        return list(db.execute(sql, params))
+    """Read the index directly (sync: call through ``asyncio.to_thread`` in async tests): the
+    SQLite file, or with :func:`on_postgres` in force the data directory's PostgreSQL database
+    (the same SQL, ``?`` placeholders translated as the proxy translates them)."""
+    url = postgres_index_url(data_dir)
+    if url is None:
+        with sqlite3.connect(data_dir / "index.sqlite3") as db:
+            return list(db.execute(sql, params))
+
+    import asyncpg
+
+    from proxy.storage.postgres import to_postgres
+    from tests.postgres import run_sync
+
+    async def fetch(dsn: str) -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            return [tuple(row) for row in await conn.fetch(to_postgres(sql), *params)]
+        finally:
+            await conn.close()
+
+    return run_sync(fetch(url))
 
 
 def blob_files(data_dir: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from proxy.formats.deps_npm import NpmDependencies
 from proxy.formats.deps_nuget import NuGetDependencies
 from proxy.formats.deps_pypi import PyPIDependencies
 from tests.clients import upload_form
-from tests.conftest import ProxyFactory, RunningProxy, index_rows
+from tests.conftest import ProxyFactory, RunningProxy, cli_env, index_rows
 from tests.fakes.dists import build_wheel
 from tests.fakes.maven import FakeMavenRepo, artifact_path
 from tests.fakes.npm import FakeNpmRegistry
@@ -62,6 +62,7 @@ class Queries:
             *args,
             "--data-dir",
             str(self.proxy.data_dir),
+            env=cli_env(self.proxy.data_dir),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -516,6 +517,7 @@ async def test_quarantine_answers_with_the_versions_that_depend_on_it(
             "add",
             *("--domain", "default", "--repo", "team", "--format", "npm", "--pattern", "evil@6.6.6"),
             *("--data-dir", str(proxy.data_dir)),
+            env=cli_env(proxy.data_dir),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

@@ -12,14 +12,15 @@ from typing import Any
 import aiohttp
 
 from tests.clients import installed, pip_install
-from tests.conftest import Dists, ProxyFactory, RunningProxy, index_rows
+from tests.conftest import Dists, ProxyFactory, RunningProxy, cli_env, index_rows
 from tests.fakes.pypi import FakePyPI, Fault
 
 
 async def cli(proxy: RunningProxy, *args: str) -> Any:
     cmd = [sys.executable, "-c", "import sys; from proxy.cli import main; sys.exit(main())", *args]
     cmd += ["--data-dir", str(proxy.data_dir), "--json"]
-    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, check=False)
+    env = cli_env(proxy.data_dir)
+    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, check=False, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
 

@@ -193,7 +193,7 @@ class Catalog:
                     version.package,
                     version.version,
                     version.status,
-                    json.dumps(version.attributes),
+                    _attributes_json(version.attributes),
                     now,
                     now,
                 ),
@@ -279,7 +279,15 @@ class Catalog:
             cur = await self._index.db.execute(
                 "UPDATE versions SET attributes=json_patch(attributes, ?), updated_at=? WHERE "
                 "domain=? AND repository=? AND format=? AND package=? AND version=?",
-                (json.dumps(attributes), time.time(), repo.domain, repo.repository, fmt, package, version),
+                (
+                    _attributes_json(attributes),
+                    time.time(),
+                    repo.domain,
+                    repo.repository,
+                    fmt,
+                    package,
+                    version,
+                ),
             )
             return cur.rowcount > 0
 
@@ -362,3 +370,22 @@ class Catalog:
                 (repo.domain, repo.repository, fmt, pattern),
             )
             return cur.rowcount > 0
+
+
+def _attributes_json(value: Any) -> str:
+    """A version's attributes as the JSON the index keeps, every NUL in a key or a string as
+    U+FFFD. The attributes hold what publishers wrote (npm's dist-tags, deprecation messages);
+    PostgreSQL's ``json`` functions (``json_patch`` is ``json_each`` there) refuse ``\\u0000``,
+    so one such value would make every later update of the version a 500 on PostgreSQL alone,
+    where SQLite keeps it. Replaced, both backends keep the same text."""
+
+    def clean(item: Any) -> Any:
+        if isinstance(item, str):
+            return item.replace("\x00", "\ufffd")
+        if isinstance(item, dict):
+            return {clean(k): clean(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+
+    return json.dumps(clean(value))

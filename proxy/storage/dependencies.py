@@ -64,7 +64,7 @@ class DependencyStore:
             cur = await self._index.db.execute(
                 "INSERT INTO dependency_sources (digest, format, parsed_at, error) "
                 "VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
-                (digest, fmt, time.time(), error),
+                (digest, fmt, time.time(), _storable(error)),
             )
             if cur.rowcount == 0:
                 return
@@ -72,7 +72,7 @@ class DependencyStore:
                 "INSERT INTO dependencies (digest, seq, package, range, kind, extras, condition) "
                 "VALUES (?,?,?,?,?,?,?)",
                 [
-                    (digest, seq, d.package, d.range, d.kind, d.extras, d.condition)
+                    (digest, seq, *map(_storable, (d.package, d.range, d.kind, d.extras, d.condition)))
                     for seq, d in enumerate(declared)
                 ],
             )
@@ -92,3 +92,11 @@ class DependencyStore:
         """Why a blob's dependencies could not be read, for those that could not."""
         sql = "SELECT digest, error FROM dependency_sources WHERE error != '' AND digest IN ({marks})"
         return {str(r[0]): str(r[1]) for r in await self._index.rows_in(sql, digests)}
+
+
+def _storable(text: str) -> str:
+    """``text`` with NUL characters as U+FFFD. What an archive declares is the upstream's (or a
+    publisher's) text, and PostgreSQL's TEXT cannot hold a NUL where SQLite's can: kept as is,
+    one such manifest would fail every dependency query (and every quarantine) of its repository
+    on PostgreSQL alone. No package name or range holds a NUL, so nothing real is lost."""
+    return text.replace("\x00", "\ufffd")

@@ -118,10 +118,14 @@ async def gc(index: Index, blobs: LocalBlobStore, budget: int, *, dry_run: bool 
     if usage > budget:
         # Pages of the LRU order (a top-N sort in SQLite), each read whole: no statement stays
         # open across awaits, as an open read would make other coroutines' writes on the shared
-        # connection fail once another worker has committed.
+        # connection fail once another worker has committed. The order ends with the primary key:
+        # PostgreSQL's top-N sort puts equal keys (rows written in one batch share their times) in
+        # a different order for each LIMIT, so pages would overlap and skip rows.
         sql = (
             "SELECT domain, repository, format, package, filename, digest, size, last_accessed "
-            "FROM assets WHERE hosted = 0 ORDER BY last_accessed, fetched_at LIMIT ? OFFSET ?"
+            "FROM assets WHERE hosted = 0 "
+            "ORDER BY last_accessed, fetched_at, domain, repository, format, package, filename "
+            "LIMIT ? OFFSET ?"
         )
         page = CHUNK
         while usage > budget:
