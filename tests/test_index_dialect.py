@@ -199,3 +199,28 @@ async def test_a_deprecation_message_with_a_nul_is_kept_alike_on_both_backends(
                     assert (await resp.json())["versions"]["1.0.0"].get("deprecated") == shown
     finally:
         await runner.cleanup()
+
+
+async def test_text_the_database_cannot_store_is_a_400_not_a_500(
+    index_url: str | None, tmp_path: Path
+) -> None:
+    """A repository description with a NUL: SQLite stores it, PostgreSQL's text cannot hold it;
+    there the client is told why (400 JSON), never a 500, and nothing half-made is left."""
+    raw = proxy_config(tmp_path / "data", "http://127.0.0.1:9/")
+    if index_url is not None:
+        raw["index"] = {"url": index_url}
+    _, runner, url = await serve_config(raw)
+    try:
+        api = f"{url}/-/api/v1/domains/default/repositories"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(api, json={"name": "nul", "description": "a\u0000b"}) as resp:
+                body = await resp.json()
+                if index_url is None:
+                    assert resp.status == 201, body
+                else:
+                    assert resp.status == 400, body
+                    assert body["error"] == "bad_request" and "NUL" in body["message"], body
+            async with http.get(f"{api}/nul") as resp:
+                assert resp.status == (200 if index_url is None else 404)
+    finally:
+        await runner.cleanup()

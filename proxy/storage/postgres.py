@@ -33,7 +33,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy.errors import IndexUnavailable
+from proxy.errors import BadRequest, IndexUnavailable, InsufficientStorage
 from proxy.storage.index import Index, migration_steps
 
 log = logging.getLogger("proxy.index")
@@ -60,15 +60,27 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
+# At startup, also a database not created yet or a role not granted yet (an init job running).
+STARTUP_WAITS_FOR: tuple[type[BaseException], ...] = (*UNREACHABLE, asyncpg.PostgresError)
+
+
 @contextlib.asynccontextmanager
 async def reachable() -> AsyncIterator[None]:
     """Turn "the database is not there" into a 503 that names the index, not the URL (which
-    may carry a password) and not a traceback."""
+    may carry a password) and not a traceback; the database's disk full into a 507, as the data
+    directory's is; and text PostgreSQL cannot store (NUL, an unpaired surrogate), which
+    SQLite takes, into a 400 saying so rather than a 500."""
     try:
         yield
     except UNREACHABLE as exc:
         raise IndexUnavailable(
             f"the index database is unavailable ({type(exc).__name__}); try again shortly"
+        ) from exc
+    except asyncpg.DiskFullError as exc:
+        raise InsufficientStorage("the index database's disk is full; try again later") from exc
+    except (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError) as exc:
+        raise BadRequest(
+            "text with a NUL character or an unpaired surrogate cannot be stored in the index"
         ) from exc
 
 
@@ -409,7 +421,9 @@ async def wait_until_reachable(url: str, deadline: float) -> None:
     while True:
         try:
             conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
-        except UNREACHABLE as exc:
+        except STARTUP_WAITS_FOR as exc:
+            # A database not created yet, or a role not yet granted (an init job still running),
+            # is waited for as well; past the deadline the message says which it was.
             if time.monotonic() >= deadline:
                 raise ConnectionError(
                     f"index database {redact(url)} is unreachable: {type(exc).__name__}: {exc}"
