@@ -119,6 +119,10 @@ async def test_dist_tags_deprecate_and_unpublish(registry: Registry, tmp_path: P
     assert run.ok, run.output
     view = await npm("view", "@acme/tool@1.0.0", "deprecated", cwd=pkg, registry=repo, cache=cache)
     assert "use 2.x" in view.output
+    run = await npm("deprecate", "@acme/tool@1.0.0", "", cwd=pkg, registry=repo, cache=cache)  # undeprecate
+    assert run.ok, run.output
+    view = await npm("view", "@acme/tool@1.0.0", "deprecated", cwd=pkg, registry=repo, cache=cache)
+    assert "use 2.x" not in view.output, view.output
 
     run = await npm("unpublish", "@acme/tool@2.0.0-rc.1", cwd=pkg, registry=repo, cache=cache)
     assert run.ok, run.output

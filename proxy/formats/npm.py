@@ -258,9 +258,8 @@ class NpmAdapter(FormatAdapter):
                 continue  # an upstream version: not ours to change
             if (row.attributes.get("manifest") or {}).get("deprecated") != message:
                 manifest = dict(row.attributes.get("manifest") or {})
-                manifest["deprecated"] = message
-                if message is None:
-                    manifest.pop("deprecated")
+                # A merge patch: null removes the key (a patch without it would keep the old one).
+                manifest["deprecated"] = message or None
                 await self.pipeline.packages.update_attributes(
                     ref, self.name, package, version, {"manifest": manifest}
                 )
