@@ -224,3 +224,27 @@ async def test_text_the_database_cannot_store_is_a_400_not_a_500(
                 assert resp.status == (200 if index_url is None else 404)
     finally:
         await runner.cleanup()
+
+
+async def test_the_index_size_metric_measures_either_backend(index_url: str | None, tmp_path: Path) -> None:
+    """``artifact_proxy_index_bytes``: the SQLite file and its WAL, or the PostgreSQL database."""
+    raw = proxy_config(tmp_path / "data", "http://127.0.0.1:9/")
+    if index_url is not None:
+        raw["index"] = {"url": index_url}
+    _, runner, url = await serve_config(raw)
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/-/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        sizes = [
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("artifact_proxy_index_bytes ")
+        ]
+        assert len(sizes) == 1 and sizes[0] > 0, sizes
+        help_line = next(
+            line for line in text.splitlines() if line.startswith("# HELP artifact_proxy_index_bytes")
+        )
+        assert ("PostgreSQL" in help_line) == (index_url is not None), help_line
+    finally:
+        await runner.cleanup()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -39,8 +39,12 @@ class Metrics:
         flights: FlightGroup,
         data_dir: Path,
         webhooks: WebhookDispatcher | None = None,
+        index_size: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # A shared (PostgreSQL) index has no file here: its size is asked for at each scrape.
+        self.index_size = index_size
+        self.index_bytes: int | None = None
         # Counted on every request, so plain integers (a prometheus Counter's inc takes a lock
         # and checks its labels); the collector exports them at scrape time.
         self.requests: dict[tuple[str, str, int], int] = {}
@@ -87,6 +91,11 @@ class Metrics:
         return response
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.index_size is not None:
+            try:
+                self.index_bytes = await self.index_size()
+            except Exception:  # noqa: BLE001 - a scrape during an outage still answers
+                self.index_bytes = None
         body = await asyncio.to_thread(generate_latest, self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -175,6 +184,14 @@ class _Live(Collector):
         count, size = self._blobs()
         yield GaugeMetricFamily("artifact_proxy_blobs", "Blobs in the store", value=float(count))
         yield GaugeMetricFamily("artifact_proxy_blob_bytes", "Bytes of blobs in the store", value=float(size))
+        if self._counts.index_size is not None:  # the cluster's database, when it answered
+            if self._counts.index_bytes is not None:
+                yield GaugeMetricFamily(
+                    "artifact_proxy_index_bytes",
+                    "Bytes of the index: the PostgreSQL database",
+                    value=float(self._counts.index_bytes),
+                )
+            return
         index = self._data_dir / "index.sqlite3"
         index_bytes = sum(
             p.stat().st_size for p in (index, index.with_name("index.sqlite3-wal")) if p.exists()

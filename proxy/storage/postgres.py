@@ -382,6 +382,11 @@ class PostgresIndex(Index):
         async with self.pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
 
+    async def database_bytes(self) -> int:
+        """The database's size on the server's disk (the index-size metric of a cluster)."""
+        async with reachable(), self.pool.acquire() as conn:
+            return int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+
     @contextlib.asynccontextmanager
     async def _transaction(self, *, shared: bool = True) -> AsyncIterator[None]:
         # The in-process lock first: at most one pooled connection per process waits for the
