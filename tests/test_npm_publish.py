@@ -190,6 +190,8 @@ async def test_bad_publishes_are_400_and_keep_nothing(
         (npm_publish_doc("other-pkg", "1.0.0", data), "the URL"),
         (npm_publish_doc("good-pkg", "2.0.0", data), "package.json says"),
         ({"name": "good-pkg", "versions": {}}, "_attachments"),
+        # A dist-tag npm would refuse: refused before the version is committed, not after.
+        ({**npm_publish_doc("good-pkg", "1.0.0", data), "dist-tags": {"1.x": "1.0.0"}}, "invalid tag"),
     ]
     for doc, message in cases:
         status, text = await _put(http, url, doc)
@@ -198,5 +200,7 @@ async def test_bad_publishes_are_400_and_keep_nothing(
     async with http.put(url, data=b"{not json") as resp:
         assert resp.status == 400
     assert await asyncio.to_thread(temp_files, registry.data_dir) == []
+    async with http.get(url) as resp:  # nothing of good-pkg was kept (its name is not upstream)
+        assert resp.status == 404, await resp.text()
     status, text = await _put(http, url, npm_publish_doc("good-pkg", "1.0.0", data))
     assert status == 201, text

@@ -29,6 +29,7 @@ from proxy.formats import npm_publish
 from proxy.formats.base import FormatAdapter, RouteSpec
 from proxy.model import AssetRecord, CacheStatus, ListedFile, Listing, RepoRef
 from proxy.pipeline.documents import DocumentRequest
+from proxy.pipeline.packages import check_tag
 from proxy.pipeline.resolve import ResolvedListing
 from proxy.security.audit import ACTOR
 from proxy.server.pages import PageSource
@@ -244,6 +245,9 @@ class NpmAdapter(FormatAdapter):
         await publisher.check_allowed(ref, self.name, package)
         doc = await npm_publish.read_document(request, publisher.max_upload_size)
         if doc.get("_attachments"):
+            tags = doc.get("dist-tags")
+            for tag in tags if isinstance(tags, dict) else {}:
+                check_tag(tag)  # before anything is staged or committed: a bad tag refuses it all
             upload = await npm_publish.read_publish(doc, package, publisher)
             record = await publisher.publish(ref, self, upload)
             for tag in upload.attributes.get("tags") or ["latest"]:

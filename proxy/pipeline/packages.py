@@ -24,6 +24,13 @@ from proxy.storage.index import Index
 log = logging.getLogger("proxy.packages")
 
 
+def check_tag(tag: str) -> None:
+    """A dist-tag name npm would accept (not a version, no separators, no control characters);
+    checked before a publish commits anything, so a bad tag never leaves half a publish."""
+    if not tag or any(c in tag for c in "/@ ") or tag[0].isdigit() or not tag.isprintable():
+        raise BadRequest(f"invalid tag name {tag!r}")
+
+
 class PackageService:
     """See the module docstring."""
 
@@ -139,8 +146,7 @@ class PackageService:
     async def put_tag(self, ref: RepoRef, fmt: str, package: str, tag: str, version: str) -> None:
         """Point a tag at a version published here (npm's dist-tags)."""
         await self._version(ref, fmt, package, version)
-        if not tag or any(c in tag for c in "/@ ") or tag[0].isdigit():
-            raise BadRequest(f"invalid tag name {tag!r}")
+        check_tag(tag)
         await self._catalog.put_tag(ref, fmt, package, tag, version)
         self._changed(ref, fmt, package)
         self._audit.record("tag", detail={"tag": tag}, **_where(ref, fmt, package, version))
