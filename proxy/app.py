@@ -224,8 +224,7 @@ def build_app(
         os.environ.get(ADMIN_TOKEN_ENV) or None,
         pipeline.policies,
     )
-    index_size = getattr(index, "database_bytes", None) if index.shared else None  # PostgreSQL
-    metrics = Metrics(clients, flights, data_dir, services.webhooks, index_size)
+    metrics = Metrics(clients, flights, data_dir, services.webhooks, index)
 
     async def catch_up() -> None:
         """Another process committed a change: drop every in-memory view of the index."""

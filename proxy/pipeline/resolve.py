@@ -512,10 +512,9 @@ class Resolver:
                 raise UpstreamCorrupt(
                     f"the upstream declared a malformed sha256 for {filename}", detail={"filename": filename}
                 ) from None
-            info = await self._blobs.stat(digest)
-            # Same bytes already stored for another repository or name (or, in an object store,
-            # by another node): brought to this node's disk first, as a hit's are by _intact.
-            if info is not None and await self._blobs.locate(digest, fetch=False) != "missing":
+            # Same bytes already stored for another repository or name (or by another node).
+            info = await self._blobs.servable(digest)
+            if info is not None:
                 record = self._record(ref, adapter, package, entry, info)
                 await self._commit_rows([record])
                 return AssetHandle(CacheStatus.HIT, record=record)
@@ -597,15 +596,7 @@ class Resolver:
             """Another worker process may have committed the file while this one waited."""
             sha = entry.sha256
             digest = Digest(sha) if sha else await self._index.origin_digest(client.name, entry.url)
-            info = await self._blobs.stat(digest) if digest is not None else None
-            # Committed by another *node*: in the bucket, not yet on this node's disk, where it
-            # is sent from. Brought here first, as a hit's is (else a 404 with no body).
-            if (
-                info is not None
-                and digest is not None
-                and await self._blobs.locate(digest, fetch=False) == "missing"
-            ):
-                info = None
+            info = await self._blobs.servable(digest) if digest is not None else None  # or another node
             if info is not None:
                 flight.content_type = adapter.content_type(entry.filename)
                 flight.derived.extend(await self._fetcher.derive(adapter, entry, info))

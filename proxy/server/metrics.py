@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from proxy.errors import Handler
 from proxy.server.assets import BYTES_HINT
+from proxy.storage.index import Index
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.flight import FlightGroup
 from proxy.webhooks import WebhookDispatcher
@@ -39,11 +40,11 @@ class Metrics:
         flights: FlightGroup,
         data_dir: Path,
         webhooks: WebhookDispatcher | None = None,
-        index_size: Callable[[], Awaitable[int]] | None = None,
+        index: Index | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        # A shared (PostgreSQL) index has no file here: its size is asked for at each scrape.
-        self.index_size = index_size
+        # Measured before each scrape (a PostgreSQL index is a query away, not a file here).
+        self.index = index
         self.index_bytes: int | None = None
         # Counted on every request, so plain integers (a prometheus Counter's inc takes a lock
         # and checks its labels); the collector exports them at scrape time.
@@ -91,9 +92,9 @@ class Metrics:
         return response
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.index_size is not None:
+        if self.index is not None:
             try:
-                self.index_bytes = await self.index_size()
+                self.index_bytes = await self.index.database_bytes()
             except Exception:  # noqa: BLE001 - a scrape during an outage still answers
                 self.index_bytes = None
         body = await asyncio.to_thread(generate_latest, self.registry)
@@ -184,21 +185,11 @@ class _Live(Collector):
         count, size = self._blobs()
         yield GaugeMetricFamily("artifact_proxy_blobs", "Blobs in the store", value=float(count))
         yield GaugeMetricFamily("artifact_proxy_blob_bytes", "Bytes of blobs in the store", value=float(size))
-        if self._counts.index_size is not None:  # the cluster's database, when it answered
-            if self._counts.index_bytes is not None:
-                yield GaugeMetricFamily(
-                    "artifact_proxy_index_bytes",
-                    "Bytes of the index: the PostgreSQL database",
-                    value=float(self._counts.index_bytes),
-                )
-            return
-        index = self._data_dir / "index.sqlite3"
-        index_bytes = sum(
-            p.stat().st_size for p in (index, index.with_name("index.sqlite3-wal")) if p.exists()
-        )
-        yield GaugeMetricFamily(
-            "artifact_proxy_index_bytes", "Bytes of the SQLite index and its WAL", value=float(index_bytes)
-        )
+        index = self._counts.index
+        if index is not None and self._counts.index_bytes is not None:  # None: it did not answer
+            yield GaugeMetricFamily(
+                "artifact_proxy_index_bytes", index.size_help, value=float(self._counts.index_bytes)
+            )
 
     def _blobs(self) -> tuple[int, int]:
         at, count, size = self._blob_stats

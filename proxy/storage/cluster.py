@@ -45,12 +45,11 @@ def lock_key(key: Hashable) -> int:
 
 class ClusterHeld:
     """A key held on this machine (if it has workers) and in the cluster. ``waited`` is about
-    this machine's workers only; ``waited_elsewhere`` says another node held the key first."""
+    this machine's workers only: a wait for another node is counted in ``contended``."""
 
-    def __init__(self, local: Held | None, waited_elsewhere: bool) -> None:
+    def __init__(self, local: Held | None) -> None:
         self._local = local
         self.waited = local.waited if local is not None else False
-        self.waited_elsewhere = waited_elsewhere
 
     async def announce(self, note: bytes) -> None:
         if self._local is not None:
@@ -66,7 +65,6 @@ class ClusterLocks:
         self._conn: asyncpg.Connection | None = None
         self._conn_lock = asyncio.Lock()  # one statement at a time on the session connection
         self.contended = 0  # acquisitions that waited for another node
-        self.waited_elsewhere = 0
 
     async def note(self, key: Hashable) -> bytes:
         return await self._local.note(key) if self._local is not None else b""
@@ -95,7 +93,7 @@ class ClusterLocks:
             if waited:
                 self.contended += 1
             try:
-                yield ClusterHeld(local, waited)
+                yield ClusterHeld(local)
             finally:
                 await asyncio.shield(self._unlock(number))
 

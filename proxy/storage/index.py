@@ -242,6 +242,14 @@ class Index:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    size_help = "Bytes of the SQLite index and its WAL"  # what database_bytes measures
+
+    async def database_bytes(self) -> int:
+        """The index's size on disk (the ``artifact_proxy_index_bytes`` metric)."""
+        assert self.path is not None
+        files = (self.path, self.path.with_name(self.path.name + "-wal"))
+        return await asyncio.to_thread(lambda: sum(p.stat().st_size for p in files if p.exists()))
+
     async def ping(self) -> None:
         """A trivial query, for readiness checks."""
         async with self._db.execute("SELECT 1") as cur:

@@ -102,6 +102,14 @@ class LocalBlobStore:
         (storage/intact.py), so the single-node hit path pays nothing for the seam."""
         return "local"
 
+    async def servable(self, digest: Digest) -> BlobInfo | None:
+        """:meth:`stat` for a blob about to be sent: with an object store, only once it is where
+        it is sent from (this node's disk, or the bucket when clients are redirected), so a
+        blob another node stored is brought here first rather than answered as a 404."""
+        if await self.locate(digest, fetch=False) == "missing":
+            return None
+        return await self.stat(digest)
+
     def presigned_url(self, digest: Digest) -> str | None:
         return None
 

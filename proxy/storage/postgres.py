@@ -136,7 +136,7 @@ class PgCursor:
 class PgResult:
     """What ``execute`` returns: awaited, or entered with ``async with``, like aiosqlite's."""
 
-    __slots__ = ("_args", "_cursor", "_db", "_sql")
+    __slots__ = ("_args", "_db", "_sql")
 
     def __init__(self, db: PgConnection, sql: str, args: Sequence[Any]) -> None:
         self._db = db
@@ -381,6 +381,8 @@ class PostgresIndex(Index):
     async def ping(self) -> None:
         async with self.pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
+
+    size_help = "Bytes of the index: the PostgreSQL database"
 
     async def database_bytes(self) -> int:
         """The database's size on the server's disk (the index-size metric of a cluster)."""
