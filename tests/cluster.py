@@ -113,14 +113,19 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
         yield server
 
 
-async def s3_storage(endpoint: str, bucket: str, *, prefix: str = "cluster/", **keys: Any) -> dict[str, Any]:
-    """Create ``bucket`` on the server and return the ``[storage]`` table that uses it."""
+async def make_bucket(endpoint: str, bucket: str) -> None:
+    """Create ``bucket`` on the (moto) server."""
     client = S3Client(StorageConfig(backend="s3", bucket=bucket, endpoint_url=endpoint), FAKE_ENV)
     try:
         response = await client.request("PUT", "")
         response.release()
     finally:
         await client.close()
+
+
+async def s3_storage(endpoint: str, bucket: str, *, prefix: str = "cluster/", **keys: Any) -> dict[str, Any]:
+    """Create ``bucket`` on the server and return the ``[storage]`` table that uses it."""
+    await make_bucket(endpoint, bucket)
     return {"backend": "s3", "bucket": bucket, "prefix": prefix, "endpoint_url": endpoint, **keys}
 
 

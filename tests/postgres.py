@@ -31,7 +31,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -42,6 +41,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from tests.s3_server import free_port
 
 if TYPE_CHECKING:
     from asyncpg import Connection
@@ -101,13 +102,6 @@ def missing_reason() -> str | None:
                 f"`{RUN_AS}` system user to run it as (the Debian package `postgresql` creates it)"
             )
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def dsn_for(base: str, database: str) -> str:

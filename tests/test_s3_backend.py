@@ -27,6 +27,7 @@ from aiohttp import web
 from proxy.config import StorageConfig
 from proxy.storage.s3 import S3Client
 from tests.clients import installed, pip_install
+from tests.cluster import bucket_keys, make_bucket
 from tests.conftest import Dists, proxy_config, serve_config, write_config_file
 from tests.fakes.pypi import FakePyPI
 from tests.s3_server import FAKE_ENV, MotoServer, free_port, moto_server
@@ -57,23 +58,6 @@ async def _node(data_dir: Path, upstream: str, storage: dict[str, Any]) -> tuple
     return runner, url
 
 
-async def _bucket_keys(endpoint: str, bucket: str) -> set[str]:
-    client = S3Client(StorageConfig(backend="s3", bucket=bucket, endpoint_url=endpoint), FAKE_ENV)
-    try:
-        return {key async for key, _, _ in client.list("prod/sha256/")}
-    finally:
-        await client.close()
-
-
-async def _make_bucket(endpoint: str, bucket: str) -> None:
-    client = S3Client(StorageConfig(backend="s3", bucket=bucket, endpoint_url=endpoint), FAKE_ENV)
-    try:
-        response = await client.request("PUT", "")
-        response.release()
-    finally:
-        await client.close()
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -93,7 +77,7 @@ async def test_two_nodes_share_the_bucket(
     tmp_path: Path, moto: MotoServer, pypi: FakePyPI, dists: Dists
 ) -> None:
     bucket = "nodes-share"
-    await _make_bucket(moto.endpoint, bucket)
+    await make_bucket(moto.endpoint, bucket)
     storage = _storage(moto.endpoint, bucket)
     wheels = {await asyncio.to_thread(_sha, p): p.name for p in (dists.alpha, dists.beta)}
 
@@ -104,7 +88,7 @@ async def test_two_nodes_share_the_bucket(
         assert run.ok, run.output
     finally:
         await runner.cleanup()
-    keys = await _bucket_keys(moto.endpoint, bucket)
+    keys = await bucket_keys(moto.endpoint, bucket, "prod/sha256/")
     assert {f"prod/sha256/{sha}" for sha in wheels} <= keys, (
         "the wheels are in the bucket under their digests"
     )
@@ -133,7 +117,7 @@ async def test_redirect_mode_and_store_down(
     tmp_path: Path, moto: MotoServer, pypi: FakePyPI, dists: Dists
 ) -> None:
     bucket = "nodes-redirect"
-    await _make_bucket(moto.endpoint, bucket)
+    await make_bucket(moto.endpoint, bucket)
     beta_sha = await asyncio.to_thread(_sha, dists.beta)
     alpha_sha = await asyncio.to_thread(_sha, dists.alpha)
     a_dir = tmp_path / "a"
@@ -201,7 +185,7 @@ async def test_verify_stats_gc_work_on_the_bucket(
     tmp_path: Path, moto: MotoServer, pypi: FakePyPI, dists: Dists
 ) -> None:
     bucket = "nodes-lifecycle"
-    await _make_bucket(moto.endpoint, bucket)
+    await make_bucket(moto.endpoint, bucket)
     data_dir = tmp_path / "a"
     runner, url = await _node(data_dir, pypi.url, _storage(moto.endpoint, bucket))
     try:
@@ -215,7 +199,7 @@ async def test_verify_stats_gc_work_on_the_bucket(
     storage = f'\n[storage]\nbackend = "s3"\nbucket = "{bucket}"\nprefix = "prod/"\n'
     storage += f'endpoint_url = "{moto.endpoint}"\n'
     await asyncio.to_thread(config.write_text, text + storage)
-    keys = await _bucket_keys(moto.endpoint, bucket)
+    keys = await bucket_keys(moto.endpoint, bucket, "prod/sha256/")
     stats = await _cli(config, "stats")
     assert stats["blobs"] == len(keys) >= 2
 
@@ -239,4 +223,4 @@ async def test_verify_stats_gc_work_on_the_bucket(
     # gc to nothing: every cached asset evicted, every object deleted from the bucket.
     report = await _cli(config, "gc", "--max-size", "0")
     assert report["after"] == 0 and report["blobs_deleted"] == len(keys)
-    assert await _bucket_keys(moto.endpoint, bucket) == set()
+    assert await bucket_keys(moto.endpoint, bucket, "prod/sha256/") == set()

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from tests.conftest import blob_files, index_rows
 from tests.fakes.dists import build_wheel
 from tests.fakes.pypi import FakePyPI, Fault
 from tests.faults.hostile import Exchange, HostileUpstream
+from tests.s3_server import free_port
 
 ADMIN = "workers-admin-secret-" + "w" * 40
 REQUESTS = 80
@@ -77,13 +77,6 @@ def _index_open_in_a_child(pid: int) -> bool:
     return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _write_config(path: Path, data_dir: Path, upstream: str, port: int, auth: bool, admin: Path) -> None:
     admin.write_text(ADMIN + "\n", encoding="utf-8")
     path.write_text(
@@ -115,7 +108,7 @@ async def start(tmp_path: Path, pypi: FakePyPI) -> AsyncIterator[Start]:
     started: list[Supervised] = []
 
     async def run(workers: int, *, auth: bool = False, upstream: str | None = None) -> Supervised:
-        port = _free_port()
+        port = free_port()
         data_dir = tmp_path / "data"
         config = tmp_path / "proxy.toml"
         write = functools.partial(
@@ -388,7 +381,7 @@ async def test_supervisor_reloads_restarts_a_killed_worker_and_stops_them_all(
 async def test_sigterm_while_workers_start_stops_them_all_promptly(tmp_path: Path, pypi: FakePyPI) -> None:
     """A SIGTERM that lands while workers are still starting (a deploy rolled back at once):
     the supervisor exits 0 well before it would resort to SIGKILL, and no worker is left."""
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "proxy.toml"
     write = functools.partial(
         _write_config, config, tmp_path / "data", pypi.url, port, False, tmp_path / "admin-token"
