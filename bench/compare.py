@@ -38,14 +38,12 @@ interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import html
 import json
 import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,16 +51,23 @@ import tarfile
 import tempfile
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import urldefrag, urljoin
 
 from dataset import SMALL_PAYLOAD, Dist, _load_manifest, _reusable
-from harness import BenchError, Processes, _status_kib, child_pids, http_get, reset_peak_rss, rss_kib
+from harness import (
+    BenchError,
+    Processes,
+    _status_kib,
+    child_pids,
+    http_get,
+    reset_peak_rss,
+    rss_kib,
+    run_guarded,
+)
 from loadgen import CURL_FORMAT, Download, WrkResult, _parse_curl, run_wrk
 from peers import (
     PROXPI_THREADS,
@@ -1047,11 +1052,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM behaves like Ctrl-C, so the ``finally`` that stops the servers still runs."""
-    raise KeyboardInterrupt
-
-
 def _try(results: Results, name: str, start: Callable[[], Server]) -> Server | None:
     """Start one peer; on failure record "n/a (why)" for its column instead of stopping the run."""
     try:
@@ -1218,43 +1218,28 @@ def _notes(bench: Bench, proxy_workers: int | None, nginx_workers: int) -> list[
     return notes
 
 
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    yield
-
-
 def main() -> int:
     args = parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _terminate)
     procs = Processes()
     results = Results()
     tmp = args.work / "nginx"  # its config and logs stay for a look after the run
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     settings: dict[str, Any] = {}
-    status = 0
     started = time.monotonic()
-    try:
-        settings = run(args, procs, results, tmp)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping servers", flush=True)
-        status = 130
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        status = 1
-    except Exception:
-        traceback.print_exc()
-        status = 1
-    finally:
-        with _signals_ignored():  # a second Ctrl-C must not leave servers running
-            procs.stop_all()
-            if not args.keep_data:  # the servers' caches: up to a few GB
-                for cache in CACHES:
-                    shutil.rmtree(args.work / cache, ignore_errors=True)
+
+    def body() -> None:
+        settings.update(run(args, procs, results, tmp))
+
+    def cleanup() -> None:
+        procs.stop_all()
+        if not args.keep_data:  # the servers' caches: up to a few GB
+            for cache in CACHES:
+                shutil.rmtree(args.work / cache, ignore_errors=True)
+
+    status = run_guarded(body, cleanup)
     settings["wall_s"] = round(time.monotonic() - started, 1)
     settings["complete"] = status == 0
     out = args.json or args.work / "compare.json"

@@ -13,11 +13,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -249,3 +251,32 @@ class RssSampler:
     def peak_hwm_kib(self) -> int:
         """Summed VmHWM over the tree (meaningful after :func:`reset_peak_rss`)."""
         return sum(_status_kib(p, "VmHWM") for p in process_tree(self.pid))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM behaves like Ctrl-C, so the cleanup that stops every process still runs."""
+    raise KeyboardInterrupt
+
+
+def run_guarded(body: Callable[[], None], cleanup: Callable[[], None]) -> int:
+    """Run a benchmark's ``body``, then ``cleanup`` (stopping what it started) whatever happens:
+    Ctrl-C or SIGTERM, a :class:`BenchError`, a bug. Signals are ignored during the cleanup, so
+    a second Ctrl-C cannot leave servers running. Returns the exit status."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    status = 0
+    try:
+        body()
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping every process", flush=True)
+        status = 130
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        status = 1
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cleanup()
+    return status

@@ -43,7 +43,6 @@ printed and recorded: this runs on whatever else the machine is doing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import http.client
 import json
@@ -51,21 +50,18 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from dataset import _load_manifest, _reusable
-from harness import BenchError, Processes, child_pids, free_port, http_get, wait_http
+from harness import BenchError, Processes, child_pids, free_port, http_get, run_guarded, wait_http
 from loadgen import WrkResult, run_wrk
 from peers import Unavailable, ensure_debian
 from servers import BENCH, REPO, _read_line, python_env
@@ -897,18 +893,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM behaves like Ctrl-C, so the ``finally`` that stops every process still runs."""
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    yield
-
-
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -1032,7 +1016,6 @@ def main() -> int:
     plan = Plan.make(args)
     shutil.rmtree(args.work, ignore_errors=True)  # the previous run's data directories
     args.work.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _terminate)
     why = missing_reason()
     bindir = find_bindir()
     if why is not None or bindir is None:
@@ -1047,25 +1030,19 @@ def main() -> int:
         "load_average_start": loadavg(),
         "connections": CONNS,
     }
-    bench: Bench | None = None
-    status = 0
+    benches: list[Bench] = []  # set up, even if a run was cut short: its figures still print
     started = time.monotonic()
-    try:
-        bench = setup(args, plan, procs, pg, settings)
-        run(bench)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping every process", flush=True)
-        status = 130
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        status = 1
-    except Exception:
-        traceback.print_exc()
-        status = 1
-    finally:
-        with _signals_ignored():  # a second Ctrl-C must not leave servers running
-            procs.stop_all()
-            pg.stop()
+
+    def body() -> None:
+        benches.append(setup(args, plan, procs, pg, settings))
+        run(benches[0])
+
+    def cleanup() -> None:
+        procs.stop_all()
+        pg.stop()
+
+    status = run_guarded(body, cleanup)
+    bench = benches[0] if benches else None
     settings["load_average_end"] = loadavg()
     settings["wall_s"] = round(time.monotonic() - started, 1)
     settings["complete"] = status == 0
