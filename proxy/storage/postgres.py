@@ -27,9 +27,9 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -37,6 +37,7 @@ from proxy.errors import BadRequest, IndexUnavailable, InsufficientStorage
 from proxy.storage.index import Index, migration_steps
 
 log = logging.getLogger("proxy.index")
+T = TypeVar("T")
 
 # Advisory lock keys (64-bit) of the index's own cluster-wide locks. Per-key locks of downloads
 # use the other half of the key space (storage/cluster.py).
@@ -332,14 +333,17 @@ class PostgresIndex(Index):
         return self._pg
 
     async def open(self) -> None:
-        await wait_until_reachable(self.url, time.monotonic() + self.startup_wait)
-        self._pool = await asyncpg.create_pool(
+        self._pool = await until_reachable(
             self.url,
-            min_size=1,
-            max_size=self.pool_size,
-            timeout=CONNECT_TIMEOUT,
-            command_timeout=60,
-            reset=_release,
+            time.monotonic() + self.startup_wait,
+            lambda: asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=60,
+                reset=_release,
+            ),
         )
         self._pg = PgConnection(self._pool)
         await self._migrate()
@@ -421,13 +425,14 @@ def redact(url: str) -> str:
     return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
-async def wait_until_reachable(url: str, deadline: float) -> None:
-    """Retry connecting until ``deadline``: a node (or a whole compose file) may start before
-    its database. Past the deadline, a ConnectionError that names the database (no password)."""
+async def until_reachable(url: str, deadline: float, connect: Callable[[], Awaitable[T]]) -> T:
+    """``connect()``, tried again until ``deadline``: a node (or a whole compose file) may start
+    before its database. Past the deadline, a ConnectionError that names the database (no
+    password)."""
     said = False
     while True:
         try:
-            conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+            return await connect()
         except STARTUP_WAITS_FOR as exc:
             # A database not created yet, or a role not yet granted (an init job still running),
             # is waited for as well; past the deadline the message says which it was.
@@ -439,6 +444,3 @@ async def wait_until_reachable(url: str, deadline: float) -> None:
                 log.warning("index database %s is not reachable yet; waiting", redact(url))
                 said = True
             await asyncio.sleep(0.5)
-            continue
-        await conn.close()
-        return
