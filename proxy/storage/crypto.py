@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import io
 import os
 import secrets
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"APXE"
+VALUE_MAGIC = b"APXC"  # a small value sealed whole (Sealer.seal_value)
 HEADER = 32
 CHUNK = 64 * 1024
 TAG = 16
@@ -100,6 +102,28 @@ class Sealer:
         header = MAGIC + bytes([1, 0, 0, 0]) + key_id.encode().ljust(16)[:16] + secrets.token_bytes(8)
         return ChunkWriter(header, _aead(key))
 
+    def seal_value(self, plain: bytes, purpose: bytes, context: bytes) -> bytes:
+        """A small value sealed whole (not a file): AES-GCM under a key derived from the current
+        one for ``purpose`` (so a value sealed for one use never opens as another, nor as a
+        file), ``context`` bound in as associated data. Layout: magic, key id, nonce, sealed."""
+        key_id, key = self.keys.current()
+        nonce = secrets.token_bytes(12)
+        sealed = _aead(_derived(key, purpose)).encrypt(nonce, plain, context)
+        return VALUE_MAGIC + key_id.encode().ljust(16)[:16] + nonce + sealed
+
+    def open_value(self, blob: bytes, purpose: bytes, context: bytes) -> bytes | None:
+        """What :meth:`seal_value` sealed, or None: another layout, a key we lack, a different
+        purpose or context, or tampered bytes."""
+        from cryptography.exceptions import InvalidTag
+
+        if blob[:4] != VALUE_MAGIC or len(blob) < 32 + 16:
+            return None
+        try:
+            key = self.keys.key(blob[4:20].decode().strip())
+            return _aead(_derived(key, purpose)).decrypt(blob[20:32], blob[32:], context)
+        except (KeyError, UnicodeDecodeError, InvalidTag):
+            return None
+
     def reader(self, fd: int) -> SealedReader:
         header = os.pread(fd, HEADER, 0)
         if len(header) != HEADER or header[:4] != MAGIC:
@@ -110,6 +134,10 @@ class Sealer:
         except KeyError:
             raise SealedFileError(f"the key {key_id} is not available") from None
         return SealedReader(fd, header, _aead(key))
+
+
+def _derived(key: bytes, purpose: bytes) -> bytes:
+    return hmac.new(key, purpose, hashlib.sha256).digest()
 
 
 def _aead(key: bytes) -> AESGCM:

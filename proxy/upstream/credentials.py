@@ -38,12 +38,9 @@ import asyncio
 import base64
 import contextlib
 import datetime
-import hashlib
-import hmac
 import json
 import logging
 import os
-import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
@@ -78,7 +75,6 @@ FILE_CHECK_SECONDS = 1.0
 COMMAND_TIMEOUT = 60.0
 CREDENTIAL_LEASE_TTL = 60.0  # a renewer that died blocks the others' renewal at most this long
 SHARED_POLL = 0.1  # seconds between looks at the shared row while another process renews
-SEAL_MAGIC = b"APXC"
 SEAL_INFO = b"artifact-proxy shared upstream credential v1"
 
 
@@ -433,38 +429,16 @@ class SharedCredentials:
             return None
         return Obtained(token, expires_at, renewed_at, str(row[3]))
 
-    def _key(self, key_id: str | None) -> tuple[str, bytes]:
-        keys = self._sealer.keys
-        if key_id is None:
-            key_id, key = keys.current()
-        else:
-            key = keys.key(key_id)
-        return key_id, hmac.new(key, SEAL_INFO, hashlib.sha256).digest()
-
     @staticmethod
     def _aad(upstream: str, expires_at: float) -> bytes:
         return f"{upstream}\n{expires_at!r}".encode()
 
     def _seal(self, upstream: str, token: str, expires_at: float) -> bytes:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # as storage/crypto.py
-
-        key_id, key = self._key(None)
-        nonce = secrets.token_bytes(12)
-        sealed = AESGCM(key).encrypt(nonce, token.encode(), self._aad(upstream, expires_at))
-        return SEAL_MAGIC + key_id.encode().ljust(16)[:16] + nonce + sealed
+        return self._sealer.seal_value(token.encode(), SEAL_INFO, self._aad(upstream, expires_at))
 
     def _open(self, upstream: str, blob: bytes, expires_at: float) -> str | None:
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        if blob[:4] != SEAL_MAGIC or len(blob) < 32 + 16:
-            return None
-        try:
-            _, key = self._key(blob[4:20].decode().strip())
-            plain = AESGCM(key).decrypt(blob[20:32], blob[32:], self._aad(upstream, expires_at))
-        except (KeyError, UnicodeDecodeError, InvalidTag):
-            return None
-        return plain.decode()
+        plain = self._sealer.open_value(blob, SEAL_INFO, self._aad(upstream, expires_at))
+        return None if plain is None else plain.decode()
 
 
 class _FetchFailed(Exception):
