@@ -12,7 +12,6 @@ Damage that keeps a file's inode, size and times (silent bit rot) is what ``veri
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 from cachetools import LRUCache
 
 from proxy.model import Digest
-from proxy.storage.crypto import SealedFileError
 from proxy.storage.local import LocalBlobStore
 
 CHUNK = 1024 * 1024
@@ -102,13 +100,5 @@ class BlobCheck:
             self._vouched.pop(digest.hex, None)
 
     def _hash(self, path: Path) -> str | None:
-        h = hashlib.sha256()
-        try:
-            with self._blobs.open_plain_path(path) as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, SealedFileError):  # a sealed blob that does not open is damaged
-            return None
-        return h.hexdigest()
+        found = self._blobs.plain_sha256(path)
+        return None if found is None else found[0]

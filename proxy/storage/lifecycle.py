@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -247,14 +246,11 @@ async def _sound_elsewhere(blobs: LocalBlobStore, digest: str) -> bool:
 
 
 def _hash_matches(blobs: LocalBlobStore, path: Path, digest: str) -> bool:
-    h = hashlib.sha256()
     try:
-        with blobs.open_plain_path(path) as f:
-            while chunk := f.read(1024 * 1024):
-                h.update(chunk)
+        found = blobs.plain_sha256(path)
     except Exception:  # noqa: BLE001 - unreadable or undecryptable is corrupt
         return False
-    return h.hexdigest() == digest
+    return found is not None and found[0] == digest
 
 
 async def stats(index: Index, blobs: LocalBlobStore) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import BinaryIO
 
 from proxy.model import Digest
 from proxy.storage.blobs import BlobInfo, Location
-from proxy.storage.crypto import Sealer, open_plain
+from proxy.storage.crypto import SealedFileError, Sealer, open_plain
 from proxy.storage.staging import StagedBlob
 
 READ_CHUNK = 1024 * 1024
@@ -48,6 +49,23 @@ class LocalBlobStore:
     def open_plain_path(self, path: Path) -> BinaryIO:
         """A blob file's plaintext by path (verify walks files, not digests)."""
         return open_plain(path, self.sealer)
+
+    def plain_sha256(self, path: Path) -> tuple[str, int] | None:
+        """(sha256, size) of a blob file's plaintext; None when it does not open as one (a sealed
+        file that fails to open or to authenticate is damaged). A missing file raises
+        FileNotFoundError: gone is not damaged. Blocking: call from a thread."""
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with self.open_plain_path(path) as f:
+                while chunk := f.read(READ_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, SealedFileError):
+            return None
+        return h.hexdigest(), size
 
     def open_plain(self, digest: Digest) -> BinaryIO:
         """A blob's plaintext as a seekable file, sealed or not (blocking: call from a thread)."""

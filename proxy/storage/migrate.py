@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import os
 import sqlite3
 import time
@@ -51,7 +50,7 @@ from proxy.config import StorageConfig
 from proxy.model import Digest
 from proxy.storage.crypto import HEADER, MAGIC, SealedFileError, Sealer
 from proxy.storage.index import migration_steps
-from proxy.storage.local import READ_CHUNK, LocalBlobStore
+from proxy.storage.local import LocalBlobStore
 from proxy.storage.postgres import CHANNEL, WRITE_LOCK, PostgresIndex, redact
 from proxy.storage.s3 import S3BlobStore
 
@@ -272,16 +271,10 @@ def _check_key(path: Path, sealer: Sealer | None) -> None:
 
 def _plain_hash(source: LocalBlobStore, path: Path) -> tuple[str, int] | None:
     """(sha256, size) of a stored file's plaintext; None when it does not open (tampered)."""
-    h = hashlib.sha256()
-    size = 0
     try:
-        with source.open_plain_path(path) as f:
-            while chunk := f.read(READ_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-    except (SealedFileError, ValueError, OSError):
+        return source.plain_sha256(path)
+    except FileNotFoundError:
         return None
-    return h.hexdigest(), size
 
 
 async def _plain_size(source: LocalBlobStore, hex_digest: str) -> int | None:

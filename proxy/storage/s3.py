@@ -434,14 +434,11 @@ class S3BlobStore(LocalBlobStore):
         await self._evict()
 
     def _plain_hash(self, path: Path) -> str | None:
-        h = hashlib.sha256()
         try:
-            with self.open_plain_path(path) as f:
-                while chunk := f.read(READ_CHUNK):
-                    h.update(chunk)
+            found = self.plain_sha256(path)
         except Exception:  # noqa: BLE001 - a sealed object that does not open is corrupt
             return None
-        return h.hexdigest()
+        return None if found is None else found[0]
 
     def _commit(self, part: Path, digest: Digest) -> int:
         target = self.local_path(digest)
