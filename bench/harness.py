@@ -258,10 +258,15 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_guarded(body: Callable[[], None], cleanup: Callable[[], None]) -> int:
+def run_guarded(
+    body: Callable[[], None],
+    cleanup: Callable[[], None],
+    expected: tuple[type[Exception], ...] = (BenchError,),
+) -> int:
     """Run a benchmark's ``body``, then ``cleanup`` (stopping what it started) whatever happens:
-    Ctrl-C or SIGTERM, a :class:`BenchError`, a bug. Signals are ignored during the cleanup, so
-    a second Ctrl-C cannot leave servers running. Returns the exit status."""
+    Ctrl-C or SIGTERM, an ``expected`` failure (its message printed), a bug (its traceback).
+    Signals are ignored during the cleanup, so a second Ctrl-C cannot leave servers running.
+    Returns the exit status."""
     signal.signal(signal.SIGTERM, _interrupt)
     status = 0
     try:
@@ -269,7 +274,7 @@ def run_guarded(body: Callable[[], None], cleanup: Callable[[], None]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; stopping every process", flush=True)
         status = 130
-    except BenchError as exc:
+    except expected as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         status = 1
     except Exception:

@@ -20,20 +20,17 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from harness import BenchError, Processes, ensure_debian_tool, free_port, http_get, wait_http
+from harness import BenchError, Processes, ensure_debian_tool, free_port, http_get, run_guarded, wait_http
 from loadgen import WrkResult, curl_download, run_wrk
 from servers import BENCH, REPO, Server, start_fake, start_nginx, start_proxy
 
@@ -403,11 +400,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM behaves like Ctrl-C, so the ``finally`` that stops the servers still runs."""
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace, procs: Processes, results: Results, nginx_tmp: Path) -> dict[str, Any]:
     """Set up, warm, measure; returns the settings recorded with the results."""
     work: Path = args.work
@@ -464,29 +456,19 @@ def run(args: argparse.Namespace, procs: Processes, results: Results, nginx_tmp:
 def main() -> int:
     args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _terminate)
     procs = Processes()
     results = Results()
     nginx_tmp = Path(tempfile.mkdtemp(prefix="bench-npm-nginx-"))
     settings: dict[str, Any] = {}
-    status = 0
-    try:
-        settings = run(args, procs, results, nginx_tmp)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping servers", flush=True)
-        status = 130
-    except (BenchError, subprocess.SubprocessError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        status = 1
-    except Exception:
-        traceback.print_exc()
-        status = 1
-    finally:
-        # A second Ctrl-C must not cut the cleanup short and leave servers running.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def body() -> None:
+        settings.update(run(args, procs, results, nginx_tmp))
+
+    def cleanup() -> None:
         procs.stop_all()
         shutil.rmtree(nginx_tmp, ignore_errors=True)
+
+    status = run_guarded(body, cleanup, (BenchError, subprocess.SubprocessError))
     out = args.work / "npm-results.json"
     results.write(out, {**settings, "complete": status == 0})
     if results.rows:

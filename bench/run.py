@@ -19,16 +19,13 @@ import argparse
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
-import traceback
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from dataset import build_dataset
-from harness import BenchError, Processes, ensure_debian_tool
+from harness import Processes, ensure_debian_tool, run_guarded
 from measures import (
     Bench,
     cold_fetch,
@@ -54,11 +51,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wrk-seconds", type=float, help="duration of each wrk run (default 5, quick 2)")
     parser.add_argument("--keep-data", action="store_true", help="keep the proxy's data directory")
     return parser.parse_args()
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM behaves like Ctrl-C, so the ``finally`` that stops the servers still runs."""
-    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace, procs: Processes, report: Report, nginx_tmp: Path) -> dict[str, Any]:
@@ -118,31 +110,21 @@ def main() -> int:
     args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))  # tests.fakes builds the wheels
-    signal.signal(signal.SIGTERM, _terminate)
     procs = Processes()
     report = Report()
     nginx_tmp = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
     settings: dict[str, Any] = {}
-    status = 0
-    try:
-        settings = run(args, procs, report, nginx_tmp)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping servers", flush=True)
-        status = 130
-    except BenchError as exc:
-        print(f"benchmark setup failed: {exc}", file=sys.stderr)
-        status = 1
-    except Exception:
-        traceback.print_exc()
-        status = 1
-    finally:
-        # A second Ctrl-C must not cut the cleanup short and leave servers running.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def body() -> None:
+        settings.update(run(args, procs, report, nginx_tmp))
+
+    def cleanup() -> None:
         procs.stop_all()
         shutil.rmtree(nginx_tmp, ignore_errors=True)
         if not args.keep_data:
             shutil.rmtree(args.work / "proxy-data", ignore_errors=True)
+
+    status = run_guarded(body, cleanup)
     if report.rows:
         print()
         print(report.table())
